@@ -1,0 +1,222 @@
+"""Speed and memory of full fine-tuning, LoRA, SDS-LoRA (and peft LoRA) on one backbone.
+
+Everything is measured in ONE process with interleaved repeats (method order rotates every
+repeat) and reported as medians, so machine noise hits every method alike. Ratios are the
+result; absolute times depend on the machine.
+
+    python benchmarks/speed/run.py                       # CPU default: vit_small, 224, batch 16
+    python benchmarks/speed/run.py --quick               # smoke run (test_vit, 32 px)
+    python benchmarks/speed/run.py --device cuda         # GPU default: vit_base, batch 64, bf16
+
+Memory: on CUDA, peak allocated bytes per train step (torch.cuda.max_memory_allocated).
+On CPU, the bytes of tensors saved for backward (the part of training memory a method
+changes; counted with saved-tensor hooks) plus the optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from sds_vision import count_parameters, create_sds_model, merge_adapters  # noqa: E402
+
+TARGET_MODULES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="timm name or alias (default: vit_small on "
+                   "CPU, vit_base on CUDA; random init, no weights needed)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default 224)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 CPU / 64 CUDA")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (7)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per method (2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-peft", action="store_true", help="skip peft even if installed")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (test_vit, 32 px)")
+    p.add_argument("--out", default="runs/speed", help="directory for speed.md/json/png")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.model, args.img_size = args.model or "test_vit", args.img_size or 32
+        args.batch_size = args.batch_size or 4
+        args.repeats, args.warmup = args.repeats or 3, args.warmup or 1
+    args.model = args.model or ("vit_base" if cuda else "vit_small")
+    args.img_size = args.img_size or 224
+    args.batch_size = args.batch_size or (64 if cuda else 16)
+    args.repeats, args.warmup = args.repeats or 7, args.warmup if args.warmup is not None else 2
+    return args
+
+
+def build(method, args):
+    kw = dict(img_size=args.img_size)
+    if method == "peft_lora":
+        import peft
+        model = create_sds_model(args.model, num_classes=10, method="linear", **kw)
+        targets = [n for n, _ in model.named_modules() if n.endswith(TARGET_MODULES)]
+        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets,
+                              modules_to_save=["head"])
+        model = peft.get_peft_model(model, cfg)
+    else:
+        model = create_sds_model(args.model, num_classes=10, method=method, rank=args.rank, **kw)
+    model.to(args.device)
+    if args.device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def train_step(model, opt, x, y, device):
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16,
+                        enabled=device.startswith("cuda")):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def timed(fn, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def memory_bytes(model, opt, x, y, device):
+    """Peak CUDA bytes of one step, or saved-for-backward + optimizer-state bytes on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, opt, x, y, device)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type == "cpu" and not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(model, opt, x, y, device)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v))
+    return sum(seen.values()) + state
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    methods = ["full", "lora", "sds_lora"]
+    try:
+        if not args.no_peft:
+            import peft  # noqa: F401
+            methods.append("peft_lora")
+    except ImportError:
+        print("peft not installed: skipping the peft LoRA comparison")
+    dev = args.device
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
+    y = torch.randint(0, 10, (args.batch_size,), device=dev)
+    built = {m: build(m, args) for m in methods}
+    params = {m: count_parameters(built[m][0])["trainable"] if m != "peft_lora" else
+              sum(p.numel() for p in built[m][0].parameters() if p.requires_grad)
+              for m in methods}
+    print(f"{args.model} {args.img_size}px batch {args.batch_size} on {dev}: "
+          f"warm-up {args.warmup}, {args.repeats} interleaved repeats", flush=True)
+    for m in methods:
+        for _ in range(args.warmup):
+            train_step(*built[m], x, y, dev)
+    times = {m: [] for m in methods}
+    for rep in range(args.repeats):
+        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+        for m in order:
+            times[m].append(timed(lambda m=m: train_step(*built[m], x, y, dev), dev))
+        print(f"  repeat {rep + 1}/{args.repeats}: " +
+              ", ".join(f"{m} {times[m][-1]:.3f}s" for m in methods), flush=True)
+    mem = {m: memory_bytes(*built[m], x, y, dev) for m in methods}
+    step = {m: statistics.median(v) for m, v in times.items()}
+
+    # Inference: merged SDS-LoRA model vs the plain base model, same weights otherwise.
+    sds_model = built["sds_lora"][0]
+    merged = merge_adapters(sds_model).eval()
+    plain = create_sds_model(args.model, num_classes=10, method="full",
+                             img_size=args.img_size).to(dev).eval()
+    lat = {"merged": [], "base": []}
+    with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16,
+                                         enabled=dev.startswith("cuda")):
+        for mdl in (merged, plain):
+            mdl(x)
+        for rep in range(args.repeats * 2):
+            pair = [("merged", merged), ("base", plain)][:: 1 if rep % 2 else -1]
+            for name, mdl in pair:
+                lat[name].append(timed(lambda mdl=mdl: mdl(x), dev))
+    fwd = {k: statistics.median(v) for k, v in lat.items()}
+    ratios = {"sds/lora step": step["sds_lora"] / step["lora"],
+              "sds/lora memory": mem["sds_lora"] / mem["lora"],
+              "lora/full step": step["lora"] / step["full"],
+              "merged/base forward": fwd["merged"] / fwd["base"]}
+    if "peft_lora" in step:
+        ratios["ours lora/peft step"] = step["lora"] / step["peft_lora"]
+        ratios["ours sds/peft step"] = step["sds_lora"] / step["peft_lora"]
+    result = dict(setting=vars(args), machine=_machine(dev), step_s=step, times_s=times,
+                  memory_bytes=mem, trainable_params=params, forward_s=fwd, ratios=ratios)
+    report(result, Path(args.out), dev)
+    return result
+
+
+def _machine(dev):
+    if dev.startswith("cuda"):
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def report(result, out: Path, dev: str) -> None:
+    mem_label = "peak CUDA MB" if dev.startswith("cuda") else "saved+optim MB"
+    lines = [f"Machine: {result['machine']}; torch {torch.__version__}", "",
+             f"| method | trainable params | step time (median s) | {mem_label} |",
+             "|---|---:|---:|---:|"]
+    for m, t in result["step_s"].items():
+        lines.append(f"| {m} | {result['trainable_params'][m]:,} | {t:.4f} | "
+                     f"{result['memory_bytes'][m] / 2**20:.1f} |")
+    lines += ["", "| forward (no grad) | median s |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in result["forward_s"].items()]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    text = "\n".join(lines)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.md").write_text(text + "\n")
+    (out / "speed.json").write_text(json.dumps(result, indent=2, default=str))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(result["step_s"])
+    axes[0].bar(names, [result["step_s"][m] for m in names], color="tab:blue")
+    axes[0].set_ylabel("train step, median s")
+    axes[1].bar(names, [result["memory_bytes"][m] / 2**20 for m in names], color="tab:orange")
+    axes[1].set_ylabel(mem_label)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{result['setting']['model']}, batch {result['setting']['batch_size']}, "
+                 f"{result['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out / 'speed.md'}, {out / 'speed.json'}, {out / 'speed.png'}")
+
+
+if __name__ == "__main__":
+    main()
