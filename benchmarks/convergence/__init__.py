@@ -1,0 +1,1 @@
+"""Convergence benchmark: LoRA vs SDS-LoRA (see run.py)."""

@@ -1,0 +1,287 @@
+"""Run a VTAB-1k (or FGVC) sweep: every (task, method, seed) is one engine run directory.
+
+    python benchmarks/vtab/run.py --data-root DIR --tasks all --methods sds_lora lora full \
+        linear --seeds 0 1 2 --model vit_base --out runs/vtab
+    python benchmarks/vtab/run.py --benchmark fgvc --data-root FGVC_DIR --tasks all ...
+
+The data root is validated first (``--dry-run`` stops there and prints the plan).
+Finished runs (``final_metrics.json``) are skipped; unfinished ones resume from their
+last checkpoint. One progress line per run. The report (last-epoch accuracy, both VTAB
+averages) is written to ``--out`` at the end. With several GPUs, one worker process per
+GPU pulls runs from a shared queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.vtab.protocol import (BENCHMARKS, ENGINE_FIXED, NORMALIZATIONS,  # noqa: E402
+                                      SPLIT_MODES, hparams, preprocess_for)
+from benchmarks.vtab.rundir import atomic_write_json, is_finished, run_dir  # noqa: E402
+from sds_vision.data.vtab import SPLIT_FILES, BenchmarkDataError  # noqa: E402
+
+METHODS = ("sds_lora", "lora", "full", "linear")
+# bench.json fields that must match when a run directory is resumed.
+_IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "preprocess",
+             "pretrained", "checkpoint_path")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    method: str
+    seed: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = ap.add_argument
+    a("--benchmark", choices=BENCHMARKS, default="vtab", help="vtab (VTAB-1k) or fgvc")
+    a("--data-root", required=True, help="VTAB-1k dump (<root>/<task>/*.txt) or FGVC root")
+    a("--tasks", nargs="+", default=["all"],
+      help="'all', group names (natural/specialized/structured) or task names/aliases")
+    a("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
+    a("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one run each)")
+    a("--model", default="vit_base", help="alias (vit_base = ViT-B/16 orig IN-21k) or timm name")
+    a("--out", required=True, help="sweep folder: <out>/<task>/<method>/seed<k>/")
+    a("--mode", choices=["final", "tune"], default="final",
+      help="final: train800val200 -> test; tune: train800 -> val200 (FGVC: train -> test / val)")
+    a("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet",
+      help="imagenet mean/std (NOAH/FacT) or inception 0.5/0.5 (SSF, VPT baseline)")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+      help="load pretrained backbone weights (--no-pretrained for CPU tests)")
+    a("--checkpoint-path", default=None, help="local backbone weights instead of the hub")
+    # protocol overrides (recorded in bench.json); None = the protocol table
+    a("--epochs", type=int, default=None, help="override epochs (protocol: 100)")
+    a("--warmup-epochs", type=int, default=None, help="override warm-up epochs (protocol: 10)")
+    a("--lr", type=float, default=None, help="override lr (protocol: 1e-3; full 1e-4)")
+    a("--weight-decay", type=float, default=None, help="override weight decay (protocol: 1e-4)")
+    a("--batch-size", type=int, default=None, help="override batch size (protocol: 64)")
+    a("--drop-path", type=float, default=None, help="override drop_path (protocol: 0.1)")
+    a("--rank", type=int, default=None, help="override adapter rank (protocol: 8)")
+    a("--img-size", type=int, default=224, help="input size (protocol: 224)")
+    # speed / environment (not part of the result)
+    a("--eval-batch-size", type=int, default=None, help="eval batch (default 512 on GPU, 128 CPU)")
+    a("--num-workers", type=int, default=None, help="DataLoader workers per run")
+    a("--gpus", type=int, default=None,
+      help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process)")
+    a("--cache-dir", default=None, help="decoded uint8 split cache (default <out>/.cache)")
+    a("--no-cache", action="store_true", help="decode in memory only, write no cache files")
+    a("--dry-run", action="store_true", help="validate the data root, print the plan, stop")
+    a("--no-decode-check", action="store_true", help="validation: check files exist, skip decode")
+    a("--expect-sizes", nargs=3, type=int, default=[800, 200, 1000], metavar=("TR", "VAL", "TRVAL"),
+      help="expected VTAB train800/val200/train800val200 sizes (tiny test data differs)")
+    a("--no-report", action="store_true", help="do not write the report at the end")
+    a("--verbose", action="store_true", help="engine progress bars and per-step logs")
+    return ap
+
+
+def _overrides(args) -> dict:
+    return {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "lr": args.lr,
+            "weight_decay": args.weight_decay, "batch_size": args.batch_size,
+            "drop_path": args.drop_path, "rank": args.rank}
+
+
+def resolve_names(args) -> list[str]:
+    if args.benchmark == "vtab":
+        from sds_vision.data.vtab import resolve_tasks
+        return [t.name for t in resolve_tasks(args.tasks)]
+    from sds_vision.data.fgvc import resolve_fgvc_list
+    return [d.name for d in resolve_fgvc_list(args.tasks)]
+
+
+def validate(args, names: list[str]) -> None:
+    from sds_vision.data.validate import SplitSizes, validate_fgvc, validate_vtab
+    if args.benchmark == "vtab":
+        tr, val, trval = args.expect_sizes
+        splits = SPLIT_FILES if args.dry_run else SPLIT_MODES["vtab"][args.mode]
+        rep = validate_vtab(args.data_root, names, SplitSizes(tr, val, trval), splits=splits,
+                            decode=not args.no_decode_check)
+    else:
+        rep = validate_fgvc(args.data_root, names, decode=not args.no_decode_check)
+    print(rep.format(), flush=True)
+    rep.raise_if_failed()
+
+
+def bench_record(args, spec: RunSpec) -> dict:
+    from sds_vision import resolve_model_name
+    pre = preprocess_for(args.benchmark, args.img_size, args.normalization)
+    tr, ev = SPLIT_MODES[args.benchmark][args.mode]
+    return {"benchmark": args.benchmark, "task": spec.task, "method": spec.method,
+            "seed": spec.seed, "mode": args.mode, "train_split": tr, "eval_split": ev,
+            "model": args.model, "backbone": resolve_model_name(args.model),
+            "hparams": hparams(args.benchmark, spec.task, spec.method, _overrides(args)),
+            "preprocess": pre.to_dict(), "engine_fixed": ENGINE_FIXED,
+            "pretrained": args.pretrained, "checkpoint_path": args.checkpoint_path,
+            "data_root": str(Path(args.data_root).resolve()),
+            "reported_metric": "val_top1 = top-1 on eval_split at the LAST epoch"}
+
+
+def execute(args, spec: RunSpec, data_cache: dict) -> dict:
+    """One run: write bench.json, build data (cached per task), call ``fit``."""
+    import torch
+
+    from benchmarks.vtab.datasets import build_task_data
+    from sds_vision.train import TrainConfig, fit
+    d = run_dir(args.out, spec.task, spec.method, spec.seed)
+    rec = bench_record(args, spec)
+    old = d / "bench.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
+                != json.dumps(rec.get(k), sort_keys=True)]
+        if diff:
+            raise BenchmarkDataError(f"{old}: run was started with different settings "
+                                     f"({', '.join(diff)}); use another --out or delete it")
+    atomic_write_json(old, rec)
+    key = (spec.task, args.mode)
+    if key not in data_cache:
+        data_cache.clear()  # keep one task's splits in memory (runs are task-major)
+        pre = preprocess_for(args.benchmark, args.img_size, args.normalization)
+        cache_dir = None if args.no_cache else (args.cache_dir or Path(args.out) / ".cache")
+        data_cache[key] = build_task_data(args.benchmark, args.data_root, spec.task, args.mode,
+                                          pre, cache_dir)
+    data = data_cache[key]
+    hp = rec["hparams"]
+    cuda = torch.cuda.is_available()
+    cfg = TrainConfig(
+        model=args.model, method=spec.method, rank=hp["rank"], epochs=hp["epochs"],
+        batch_size=hp["batch_size"], lr=hp["lr"], weight_decay=hp["weight_decay"],
+        warmup_epochs=hp["warmup_epochs"], min_lr=hp["min_lr"],
+        label_smoothing=hp["label_smoothing"], clip_grad=hp["clip_grad"],
+        drop_path=hp["drop_path"], img_size=args.img_size, seed=spec.seed,
+        pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, amp=True,
+        channels_last=True,
+        num_workers=args.num_workers if args.num_workers is not None else (
+            min(8, max(1, (os.cpu_count() or 2) // max(args.gpus or 1, 1) - 1)) if cuda else 0),
+        eval_batch_size=args.eval_batch_size or (512 if cuda else 128),
+        out_dir=str(d), resume=True, progress=args.verbose,
+        log_every_steps=50 if not args.verbose else 10)
+    final = fit(cfg, data.train, data.eval, data.num_classes)
+    atomic_write_json(d / "result.json", {**rec, "val_top1": final["val_top1"],
+                                          "best_val_top1_selected_on_eval": final["best_val_top1"],
+                                          "seconds": final["seconds"], "params": final["params"]})
+    return final
+
+
+def _worker(args, gpu: int, jobs, results) -> None:
+    """Worker process: pulls RunSpecs until a None, reports (spec, top1, seconds, error)."""
+    cache: dict = {}
+    while (spec := jobs.get()) is not None:
+        t0 = time.time()
+        try:
+            final = execute(args, spec, cache)
+            results.put((spec, final["val_top1"], time.time() - t0, None, gpu))
+        except Exception as e:  # report and keep going; the run can be retried
+            results.put((spec, None, time.time() - t0, f"{type(e).__name__}: {e}", gpu))
+
+
+def _line(i: int, n: int, spec: RunSpec, top1, secs: float, err, where="") -> str:
+    acc = f"top1 {top1:6.2f}" if err is None else f"FAILED ({err})"
+    return (f"[{i}/{n}] {spec.task:<20} {spec.method:<8} seed {spec.seed}  {acc}  "
+            f"{secs:7.1f}s  {n - i} left{where}")
+
+
+def run_sweep(args) -> int:
+    from sds_vision import resolve_model_name
+    resolve_model_name(args.model)  # unknown model: fail before validating data
+    names = resolve_names(args)
+    validate(args, names)
+    plan = [RunSpec(t, m, s) for t in names for m in args.methods for s in args.seeds]
+    done = [p for p in plan if is_finished(run_dir(args.out, p.task, p.method, p.seed))]
+    todo = [p for p in plan if p not in done]
+    print(f"plan: {len(plan)} runs ({len(names)} tasks x {len(args.methods)} methods x "
+          f"{len(args.seeds)} seeds), {len(done)} finished (skipped), {len(todo)} to run; "
+          f"mode {args.mode}, model {args.model}, normalization {args.normalization}",
+          flush=True)
+    if args.dry_run:
+        for p in todo:
+            print(f"  would run {p.task} {p.method} seed {p.seed} -> "
+                  f"{run_dir(args.out, p.task, p.method, p.seed)}")
+        return 0
+    import torch
+    gpus = args.gpus if args.gpus is not None else max(torch.cuda.device_count(), 1)
+    args.gpus = gpus
+    failures = 0
+    if gpus <= 1 or len(todo) <= 1:
+        cache: dict = {}
+        for i, spec in enumerate(todo, 1):
+            t0 = time.time()
+            try:
+                final, err = execute(args, spec, cache), None
+            except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
+                final, err = None, f"{type(e).__name__}: {e}"
+            failures += err is not None
+            print(_line(i, len(todo), spec, final and final["val_top1"], time.time() - t0, err),
+                  flush=True)
+    else:
+        failures = _run_parallel(args, todo, gpus)
+    if not args.no_report:
+        from benchmarks.vtab.report import write_report
+        try:
+            paths = write_report(args.out, mode=args.mode)
+            print(f"report: {paths['report.md']}")
+        except ValueError as e:
+            print(f"report not written: {e}")
+    return 1 if failures else 0
+
+
+def _run_parallel(args, todo: list[RunSpec], gpus: int) -> int:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    jobs, results = ctx.Queue(), ctx.Queue()
+    for spec in todo:  # task-major order: consecutive runs of a worker share a task's data
+        jobs.put(spec)
+    procs = []
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = saved.split(",") if saved else [str(i) for i in range(gpus)]
+    try:
+        for g in range(gpus):
+            jobs.put(None)
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[g % len(visible)]  # child sees one GPU
+            p = ctx.Process(target=_worker, args=(args, g, jobs, results), daemon=True)
+            p.start()
+            procs.append(p)
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    import queue
+    failures, i = 0, 0
+    while i < len(todo):
+        try:
+            spec, top1, secs, err, g = results.get(timeout=10)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):  # a worker died without reporting
+                print(f"workers exited with {len(todo) - i} run(s) unreported", flush=True)
+                return failures + len(todo) - i
+            continue
+        i += 1
+        failures += err is not None
+        print(_line(i, len(todo), spec, top1, secs, err, f"  (worker {g})"), flush=True)
+    for p in procs:
+        p.join()
+    return failures
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_sweep(args)
+    except (BenchmarkDataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

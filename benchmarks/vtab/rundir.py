@@ -1,0 +1,102 @@
+"""Layout of a benchmark sweep on disk, shared by the runner and the report.
+
+    <out>/<task>/<method>/seed<k>/
+        bench.json           what the runner asked for (benchmark, task, method, seed, split
+                             mode, hyperparameters, preprocessing, backbone); written first
+        config.json, metrics.jsonl, ... final_metrics.json    the engine's run directory
+        result.json          the runner's summary; written last, atomically
+
+A run is finished when ``final_metrics.json`` exists (the engine writes it last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["run_dir", "atomic_write_text", "atomic_write_json", "RunResult", "load_results",
+           "is_finished"]
+
+
+def run_dir(out: str | Path, task: str, method: str, seed: int) -> Path:
+    return Path(out) / task / method / f"seed{seed}"
+
+
+def is_finished(d: str | Path) -> bool:
+    return (Path(d) / "final_metrics.json").is_file()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + ``os.replace`` (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class RunResult:
+    benchmark: str
+    task: str
+    method: str
+    seed: int
+    mode: str
+    top1: float                 # last epoch, percent
+    best_top1: float | None     # max over epochs on the evaluation split
+    trainable: int | None
+    head: int | None
+    seconds: float | None
+    model: str | None
+    normalization: str | None
+    path: Path
+
+
+def load_results(root: str | Path) -> list[RunResult]:
+    """Every finished run under ``root`` (recursively). Task/method/seed come from
+    ``bench.json`` when present, else from the path ``.../<task>/<method>/seed<k>``."""
+    out = []
+    for fm in sorted(Path(root).rglob("final_metrics.json")):
+        d = fm.parent
+        try:
+            m = json.loads(fm.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{fm}:{e.lineno}: invalid JSON ({e.msg})") from None
+        bench = {}
+        if (d / "bench.json").is_file():
+            bench = json.loads((d / "bench.json").read_text())
+        seed_part = d.name[4:] if d.name.startswith("seed") else None
+        try:
+            seed = int(bench.get("seed", seed_part))
+        except (TypeError, ValueError):
+            raise ValueError(f"{d}: cannot tell the seed (no bench.json, folder not "
+                             "seed<k>)") from None
+        if "val_top1" not in m:
+            raise ValueError(f"{fm}:1: missing 'val_top1'")
+        top1 = float(m["val_top1"])
+        if not math.isfinite(top1):
+            raise ValueError(f"{fm}:1: non-finite val_top1 {top1}")
+        params = m.get("params") or {}
+        out.append(RunResult(
+            benchmark=bench.get("benchmark", "vtab"),
+            task=bench.get("task", d.parent.parent.name),
+            method=bench.get("method", m.get("method", d.parent.name)),
+            seed=seed, mode=bench.get("mode", "final"), top1=top1,
+            best_top1=m.get("best_val_top1"), trainable=params.get("trainable"),
+            head=params.get("head"), seconds=m.get("seconds"),
+            model=bench.get("backbone") or m.get("model"),  # resolved timm name + weights tag
+            normalization=(bench.get("preprocess") or {}).get("normalization"), path=d))
+    return out

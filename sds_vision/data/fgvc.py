@@ -1,0 +1,158 @@
+"""FGVC reader in the VPT layout.
+
+Each dataset folder holds ``train.json``, ``val.json`` and ``test.json``: one flat JSON
+object ``{"<image path relative to the image dir>": <class id>}``. Class ids may be
+1-based; as in VPT, the sorted unique ids of the TRAIN split are mapped to 0..C-1 once
+and the same mapping is applied to val and test (an id unseen in train is an error).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sds_vision.data.vtab import BenchmarkDataError
+
+__all__ = ["FGVCDataset", "FGVC_DATASETS", "FGVC_ALIASES", "FGVC_SPLITS", "FGVCSplits",
+           "resolve_fgvc", "resolve_fgvc_list", "read_fgvc_json", "find_fgvc_dir",
+           "load_fgvc", "check_fgvc_root", "line_of_key"]
+
+FGVC_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FGVCDataset:
+    name: str
+    num_classes: int
+    image_dir: str                 # relative to the dataset folder ("" = the folder itself)
+    sizes: tuple[int, int, int]    # approximate train / val / test sizes in VPT's splits
+    dirnames: tuple[str, ...]      # folder names seen in the wild (VPT's first)
+
+
+FGVC_DATASETS: dict[str, FGVCDataset] = {d.name: d for d in [
+    FGVCDataset("cub", 200, "images", (5_394, 600, 5_794), ("CUB_200_2011", "cub", "CUB-200-2011")),
+    FGVCDataset("nabirds", 555, "images", (21_536, 2_393, 24_633), ("nabirds", "NABirds")),
+    FGVCDataset("oxford_flowers", 102, "", (1_020, 1_020, 6_149),
+                ("OxfordFlower", "oxford_flowers", "flowers")),
+    FGVCDataset("stanford_dogs", 120, "Images", (10_800, 1_200, 8_580),
+                ("Stanford-dogs", "stanford_dogs", "dogs")),
+    FGVCDataset("stanford_cars", 196, "", (7_329, 815, 8_041),
+                ("Stanford-cars", "stanford_cars", "cars")),
+]}
+FGVC_ALIASES: dict[str, str] = {
+    "cub200": "cub", "cub_200_2011": "cub", "birds": "cub",
+    "flowers": "oxford_flowers", "oxfordflower": "oxford_flowers",
+    "dogs": "stanford_dogs", "cars": "stanford_cars",
+}
+
+
+def resolve_fgvc(name: str) -> FGVCDataset:
+    key = name.strip().lower().replace("-", "_")
+    key = FGVC_ALIASES.get(key, key)
+    if key not in FGVC_DATASETS:
+        raise BenchmarkDataError(
+            f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC_DATASETS)}")
+    return FGVC_DATASETS[key]
+
+
+def resolve_fgvc_list(names) -> list[FGVCDataset]:
+    if isinstance(names, str):
+        names = [names]
+    out: list[FGVCDataset] = []
+    for n in names:
+        picked = list(FGVC_DATASETS.values()) if n == "all" else [resolve_fgvc(n)]
+        out += [d for d in picked if d not in out]
+    return out
+
+
+def read_fgvc_json(path: str | Path) -> dict[str, int]:
+    """Read one split JSON; must be a flat object of ``str -> int``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkDataError(f"{path}: split file missing")
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchmarkDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise BenchmarkDataError(
+            f"{path}:1: expected a flat JSON object {{image path: class id}}, "
+            f"got {type(obj).__name__}")
+    for k, v in obj.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise BenchmarkDataError(
+                f"{path}:{line_of_key(text, k)}: value for {k!r} must be an integer class id "
+                f"(a flat object), got {type(v).__name__}")
+    return obj
+
+
+def line_of_key(text: str, key: str) -> int:
+    """Best-effort 1-based line of ``"key"`` in a JSON text (for error messages)."""
+    i = text.find(json.dumps(key))
+    return text.count("\n", 0, i) + 1 if i >= 0 else 1
+
+
+def check_fgvc_root(root: Path) -> None:
+    if not root.is_dir():
+        raise BenchmarkDataError(f"{root}: FGVC data root is not a directory")
+    if (root / "train800.txt").is_file() or any(root.glob("*/train800.txt")):
+        raise BenchmarkDataError(
+            f"{root}: looks like a VTAB-1k dump (train800.txt files), not an FGVC root; "
+            "use --benchmark vtab")
+    if (root / "train.json").is_file():
+        raise BenchmarkDataError(
+            f"{root}: this is a single FGVC dataset folder; pass its parent as the data root")
+
+
+def find_fgvc_dir(root: str | Path, ds: FGVCDataset) -> Path:
+    """Dataset folder under ``root`` (canonical name first, then VPT's folder names)."""
+    root = Path(root)
+    check_fgvc_root(root)
+    names = (ds.name,) + ds.dirnames
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise BenchmarkDataError(
+        f"{root}: dataset folder missing for {ds.name!r} (looked for {', '.join(names)})")
+
+
+@dataclass
+class FGVCSplits:
+    dataset: FGVCDataset
+    folder: Path
+    class_ids: list[int]                   # original ids, sorted; index = mapped label
+    splits: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+
+def load_fgvc(root: str | Path, dataset: str | FGVCDataset,
+              splits: tuple[str, ...] = FGVC_SPLITS) -> FGVCSplits:
+    """Read the split JSONs and map class ids once, from train."""
+    ds = resolve_fgvc(dataset) if isinstance(dataset, str) else dataset
+    folder = find_fgvc_dir(root, ds)
+    image_dir = folder / ds.image_dir if ds.image_dir else folder
+    train = read_fgvc_json(folder / "train.json")
+    ids = sorted(set(train.values()))
+    if len(ids) > ds.num_classes:
+        raise BenchmarkDataError(
+            f"{folder / 'train.json'}:1: {len(ids)} distinct class ids, more than the "
+            f"{ds.num_classes} of {ds.name}")
+    mapping = {c: i for i, c in enumerate(ids)}
+    out = FGVCSplits(ds, folder, ids)
+    for split in splits:
+        path = folder / f"{split}.json"
+        obj = train if split == "train" else read_fgvc_json(path)
+        samples = []
+        for rel, cid in obj.items():
+            if cid not in mapping:
+                raise BenchmarkDataError(
+                    f"{path}:{line_of_key(path.read_text(encoding='utf-8'), rel)}: class id "
+                    f"{cid} of {rel!r} does not occur in train.json")
+            samples.append((image_dir / rel, mapping[cid]))
+        out.splits[split] = samples
+    return out

@@ -1,0 +1,67 @@
+"""PNG plots of training curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_curves(epoch_rows: list[dict], step_rows: list[dict], path: str | Path,
+                title: str = "") -> None:
+    """Two panels: loss (per logged step and per epoch, train and val) and val accuracy."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if step_rows:
+        ax_loss.plot([r["step"] for r in step_rows], [r["train_loss"] for r in step_rows],
+                     color="tab:blue", alpha=0.35, lw=1, label="train (logged steps)")
+    ax_loss.plot([r["step"] for r in epoch_rows], [r["train_loss"] for r in epoch_rows],
+                 "o-", color="tab:blue", label="train (epoch mean)")
+    ax_loss.plot([r["step"] for r in epoch_rows], [r["val_loss"] for r in epoch_rows],
+                 "s-", color="tab:orange", label="val")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_acc.plot([r["epoch"] for r in epoch_rows], [r["val_top1"] for r in epoch_rows], "o-",
+                label="val top-1")
+    ax_acc.plot([r["epoch"] for r in epoch_rows], [r["val_top5"] for r in epoch_rows], "s--",
+                label="val top-5")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_comparison(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path,
+                    title: str = "") -> None:
+    """One panel per task; one train-loss line per method. `curves[task][method] = [(step, loss)]`."""
+    tasks = list(curves)
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, pts in curves[task].items():
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=method)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

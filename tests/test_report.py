@@ -1,0 +1,130 @@
+"""Report averaging on hand-written final_metrics.json files (means computed by hand)."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.vtab.report import main, summarise, write_report  # noqa: E402
+from benchmarks.vtab.rundir import load_results, run_dir  # noqa: E402
+from sds_vision.data.vtab import VTAB_TASKS  # noqa: E402
+
+
+def _run(root, task, method, seed, top1, best=None, mode="final", trainable=1_000, head=100,
+         bench=True):
+    d = run_dir(root, task, method, seed)
+    d.mkdir(parents=True)
+    fm = {"val_top1": top1, "best_val_top1": best if best is not None else top1,
+          "params": {"total": 5000, "trainable": trainable, "adapter": trainable - head,
+                     "head": head}, "model": "test_vit", "method": method, "seconds": 1.0}
+    (d / "final_metrics.json").write_text(json.dumps(fm))
+    if bench:
+        (d / "bench.json").write_text(json.dumps(
+            {"benchmark": "vtab", "task": task, "method": method, "seed": seed, "mode": mode,
+             "preprocess": {"normalization": "imagenet"}}))
+
+
+@pytest.fixture
+def partial_runs(tmp_path):
+    # lora: 4 tasks x 2 seeds; full: cifar only, 1 seed
+    for task, vals in {"cifar": (70, 72), "dtd": (60, 62), "eurosat": (90, 94),
+                       "kitti": (50, 50)}.items():
+        for seed, v in enumerate(vals):
+            _run(tmp_path, task, "lora", seed, v, best=v + 5)
+    _run(tmp_path, "cifar", "full", 0, 80.0, trainable=2_000_000, head=100)
+    return tmp_path
+
+
+def test_partial_averages_by_hand(partial_runs):
+    s = summarise(load_results(partial_runs))
+    c = s.cells[("cifar", "lora")]
+    assert c.mean == 71 and math.isclose(c.std, math.sqrt(2))
+    assert s.group_means["lora"]["natural"] == (66.0, 2, 7)       # (71 + 61) / 2
+    assert s.group_means["lora"]["specialized"] == (92.0, 1, 4)
+    assert s.group_means["lora"]["structured"] == (50.0, 1, 8)
+    mog, k, n = s.mean_of_groups["lora"]
+    assert math.isclose(mog, (66 + 92 + 50) / 3) and (k, n) == (3, 3)
+    assert s.mean_all["lora"] == (68.5, 4, 19)                     # (71+61+92+50) / 4
+    assert s.mean_of_groups["full"] == (80.0, 1, 3)
+    assert s.cells[("cifar", "full")].std is None                  # one seed: undefined
+
+
+def test_full_19_tasks_both_averages(tmp_path):
+    for i, t in enumerate(VTAB_TASKS):                             # task i scores i
+        _run(tmp_path, t, "sds_lora", 0, float(i))
+    s = summarise(load_results(tmp_path))
+    # natural 0..6 -> 3, specialized 7..10 -> 8.5, structured 11..18 -> 14.5
+    assert [s.group_means["sds_lora"][g][0] for g in ("natural", "specialized",
+                                                      "structured")] == [3, 8.5, 14.5]
+    assert math.isclose(s.mean_of_groups["sds_lora"][0], 26 / 3)
+    assert s.mean_all["sds_lora"] == (9.0, 19, 19)
+    paths = write_report(tmp_path)
+    md = paths["report.md"].read_text()
+    assert "8.67" in md and "9.00" in md and "partial" not in md
+
+
+def test_report_files_and_labels(partial_runs, capsys):
+    assert main([str(partial_runs), "--anchors", "--best"]) == 0
+    md = (partial_runs / "report.md").read_text()
+    assert "mean of group means" in md and "mean over 19 tasks" in md
+    assert "69.33 (partial: 3/3 groups, 4/19 tasks)" in md and "68.50 (partial: 4/19 tasks)" in md
+    assert "Only 4 of 19 tasks ran" in md
+    assert "71.00 ± 1.41 (n=2)" in md and "80.00 ± – (n=1)" in md
+    assert "selected on TEST" in md and "76.00" in md              # best = last + 5
+    assert "THEIRS" in md and "68.97" in md                        # full fine-tuning anchor
+    assert "LAST epoch" in md
+    rows = list(csv.DictReader(open(partial_runs / "report.csv")))
+    assert len(rows) == 5
+    r = next(r for r in rows if r["task"] == "eurosat")
+    assert float(r["mean_top1"]) == 92 and r["seeds"] == "0 1" and r["group"] == "specialized"
+    summ = list(csv.DictReader(open(partial_runs / "summary.csv")))
+    mog = next(r for r in summ if r["method"] == "lora" and r["average"] == "mean_of_group_means")
+    assert math.isclose(float(mog["value"]), 69.3333, abs_tol=1e-3) and mog["partial"] == "True"
+    for g in ("natural", "specialized", "structured"):
+        assert (partial_runs / f"chart_{g}.png").stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_params_column(partial_runs):
+    md = (write_report(partial_runs)["report.md"]).read_text()
+    assert "| full | 80.00 (partial: 1/7 tasks)" in md
+    assert "2.000 | 2.000" in md                                   # 2M trainable, 100 head
+
+
+def test_path_fallback_without_bench_json(tmp_path):
+    _run(tmp_path, "dtd", "linear", 3, 40.0, bench=False)
+    (r,) = load_results(tmp_path)
+    assert (r.task, r.method, r.seed, r.mode) == ("dtd", "linear", 3, "final")
+
+
+def test_bad_inputs(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    _run(tmp_path, "cifar", "lora", 0, 50.0, mode="tune")
+    _run(tmp_path, "dtd", "lora", 0, 50.0, mode="final")
+    with pytest.raises(ValueError, match="several split modes"):
+        summarise(load_results(tmp_path))
+    assert summarise(load_results(tmp_path), mode="tune").mean_all["lora"] == (50.0, 1, 19)
+    d = run_dir(tmp_path, "kitti", "lora", 0)
+    d.mkdir(parents=True)
+    (d / "final_metrics.json").write_text("{\n  \"val_top1\": ")
+    with pytest.raises(ValueError, match=r"final_metrics.json:2: invalid JSON"):
+        load_results(tmp_path)
+
+
+def test_mixed_settings_warned(tmp_path):
+    _run(tmp_path, "cifar", "lora", 0, 50.0)
+    _run(tmp_path, "dtd", "lora", 0, 40.0)
+    b = tmp_path / "dtd/lora/seed0/bench.json"
+    rec = json.loads(b.read_text())
+    rec["preprocess"]["normalization"] = "inception"
+    rec["backbone"] = "vit_base_patch16_224.orig_in21k"
+    b.write_text(json.dumps(rec))
+    md = write_report(tmp_path)["report.md"].read_text()
+    assert "vit_base_patch16_224.orig_in21k" in md
+    assert "WARNING: these runs mix several model and normalization settings" in md
