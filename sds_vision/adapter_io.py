@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .fileio import atomic_write, atomic_write_json
 from .layers import adapter_modules
 from .models import SDSConfig, create_sds_model
 
@@ -30,26 +30,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "sds_config.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
 
 
 def _config(model: nn.Module) -> SDSConfig:
@@ -86,7 +66,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     meta = dict(_config(model).to_dict(), library="sds_vision", library_version=__version__)
-    _write_json(out / CONFIG_FILE, meta)
+    atomic_write_json(out / CONFIG_FILE, meta)
     return out
 
 
@@ -180,7 +160,7 @@ def export_peft_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
             tensors[f"{PREFIX}{head}.{pname}"] = p.detach().contiguous().cpu()
     out = Path(out_dir)
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    _write_json(out / PEFT_CONFIG_FILE, {
+    atomic_write_json(out / PEFT_CONFIG_FILE, {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": cfg.model_name,
         "r": cfg.rank, "lora_alpha": scaling * cfg.rank, "use_rslora": False,
         "target_modules": targets, "rank_pattern": rank_pattern,

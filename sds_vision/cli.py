@@ -96,6 +96,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--log-every", type=int, default=10,
         help="log the training loss every N steps (default 10)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+    r.add_argument("--diagnostics-every", type=int, default=0,
+        help="every N steps log per-layer gradient diagnostics (effective rank, conditioning, "
+             "alignment with the full gradient) to diagnostics.jsonl + diagnostics.png "
+             "(default 0 = off)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -161,10 +165,16 @@ def config_from_args(a: argparse.Namespace):
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from sds_vision.train.finetune import finetune
+    callbacks = []
+    if a.diagnostics_every > 0:
+        from sds_vision.diagnostics import GradientDiagnostics
+        callbacks.append(GradientDiagnostics(every=a.diagnostics_every))
     final = finetune(config_from_args(a), a.data, val_ratio=a.val_ratio,
-                     skip_corrupt=a.skip_corrupt, augment=not a.no_aug, hflip=not a.no_hflip)
-    print(f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}  "
-          f"train_loss {final['train_loss']:.4f}  ({final['seconds']:.1f}s) -> {a.out}")
+                     skip_corrupt=a.skip_corrupt, augment=not a.no_aug, hflip=not a.no_hflip,
+                     callbacks=callbacks)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}  "
+              f"train_loss {final['train_loss']:.4f}  ({final['seconds']:.1f}s) -> {a.out}")
     return 0
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
-import torch
 from torch import nn
 
 from .inject import family_targets, inject_adapters, parse_targets

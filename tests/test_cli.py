@@ -95,6 +95,9 @@ def test_finetune_evaluate_predict_export(shapes, tmp_path, capsys):
     torch.testing.assert_close(plain(x), adapted(x), atol=1e-5, rtol=1e-5)
     fresh = timm.create_model("test_vit", num_classes=4, img_size=32).eval()
     assert not torch.allclose(fresh(x), adapted(x), atol=1e-3)
+    from safetensors.torch import load_file
+    fresh.load_state_dict(load_file(tmp_path / "exp" / "model.safetensors"))  # strict
+    torch.testing.assert_close(fresh(x), adapted(x), atol=1e-5, rtol=1e-5)
 
     rc, _, _ = run_cli(["export", "--run", run, "--out", tmp_path / "peft", "--format", "peft"],
                        capsys)
@@ -197,3 +200,18 @@ def test_non_finite_loss_exits_nonzero_with_one_line(shapes, tmp_path, capsys):
                           *TINY, "--lr", "1e6", "--clip-grad", "0"], capsys)
     assert rc == 1 and "non-finite loss at step" in err and err.count("\n") == 1
     assert not (tmp_path / "o" / "final_metrics.json").exists()
+
+
+def test_finetune_with_gradient_diagnostics(shapes, tmp_path, capsys):
+    out = tmp_path / "diag"
+    rc, _, _ = run_cli(["finetune", "--data", shapes, *TINY, "--epochs", "1", "--method",
+                        "sds_lora", "--targets", "q,v,fc1", "--diagnostics-every", "2",
+                        "--out", out], capsys)
+    assert rc == 0 and (out / "diagnostics.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    first = [r for r in rows if r["step"] == 1]
+    # one row per adapted layer (2 slices on qkv + fc1) per logged step: steps 1 and 2 of 4
+    assert {r["step"] for r in rows} == {1, 2, 4}
+    assert len(first) == 6 * 3
+    # B = 0 at init: SDS-LoRA's first dA is exactly zero, dB is not (METHOD.md section 2)
+    assert all(r["erank_gA"] == 0.0 and r["erank_gB"] > 1.0 for r in first)

@@ -24,7 +24,7 @@ def test_tasks_table():
 
 def test_make_demo_data_identical_bytes_and_balanced(tmp_path):
     a = make_demo_data(tmp_path / "a", n_train_per_class=3, n_val_per_class=2, img_size=16, seed=0)
-    b = make_demo_data(tmp_path / "b", n_train_per_class=3, n_val_per_class=2, img_size=16, seed=0)
+    make_demo_data(tmp_path / "b", n_train_per_class=3, n_val_per_class=2, img_size=16, seed=0)
     assert set(a) == set(TASKS)
     files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert len(files_a) == len(TASKS) * 4 * (3 + 2) + 2 * len(TASKS)  # + .complete markers

@@ -240,7 +240,7 @@ def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone():
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    from sds_vision.train.checkpoint import atomic_write, atomic_write_text
+    from sds_vision.fileio import atomic_write, atomic_write_text
     target = tmp_path / "last.pt"
     atomic_write_text(target, "good")
 

@@ -1,8 +1,9 @@
 """Speed and memory of full fine-tuning, LoRA, SDS-LoRA (and peft LoRA) on one backbone.
 
 Everything is measured in ONE process with interleaved repeats (method order rotates every
-repeat) and reported as medians, so machine noise hits every method alike. Ratios are the
-result; absolute times depend on the machine.
+repeat). Times are medians; ratios are medians of per-repeat ratios (methods timed back to
+back), so machine noise hits every method alike. Ratios are the result; absolute times
+depend on the machine.
 
     python benchmarks/speed/run.py                       # CPU default: vit_small, 224, batch 16
     python benchmarks/speed/run.py --quick               # smoke run (test_vit, 32 px)
@@ -85,6 +86,12 @@ def train_step(model, opt, x, y, device):
     opt.zero_grad(set_to_none=True)
 
 
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repeats of the per-repeat ratio a/b: both were timed back to back in
+    the same repeat, so slow drifts of machine load cancel."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def timed(fn, device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -163,13 +170,13 @@ def main(argv=None) -> dict:
             for name, mdl in pair:
                 lat[name].append(timed(lambda mdl=mdl: mdl(x), dev))
     fwd = {k: statistics.median(v) for k, v in lat.items()}
-    ratios = {"sds/lora step": step["sds_lora"] / step["lora"],
+    ratios = {"sds/lora step": paired(times, "sds_lora", "lora"),
               "sds/lora memory": mem["sds_lora"] / mem["lora"],
-              "lora/full step": step["lora"] / step["full"],
-              "merged/base forward": fwd["merged"] / fwd["base"]}
+              "lora/full step": paired(times, "lora", "full"),
+              "merged/base forward": paired(lat, "merged", "base")}
     if "peft_lora" in step:
-        ratios["ours lora/peft step"] = step["lora"] / step["peft_lora"]
-        ratios["ours sds/peft step"] = step["sds_lora"] / step["peft_lora"]
+        ratios["ours lora/peft step"] = paired(times, "lora", "peft_lora")
+        ratios["ours sds/peft step"] = paired(times, "sds_lora", "peft_lora")
     result = dict(setting=vars(args), machine=_machine(dev), step_s=step, times_s=times,
                   memory_bytes=mem, trainable_params=params, forward_s=fwd, ratios=ratios)
     report(result, Path(args.out), dev)

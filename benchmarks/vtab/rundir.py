@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from sds_vision.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["run_dir", "atomic_write_text", "atomic_write_json", "RunResult", "load_results",
            "is_finished"]
@@ -28,24 +28,6 @@ def run_dir(out: str | Path, task: str, method: str, seed: int) -> Path:
 
 def is_finished(d: str | Path) -> bool:
     return (Path(d) / "final_metrics.json").is_file()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + ``os.replace`` (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @dataclass

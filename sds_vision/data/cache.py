@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sds_vision.data.vtab import BenchmarkDataError
+from sds_vision.fileio import atomic_write
 
 __all__ = ["CachedSplit", "Prep", "decode_split", "cached_split", "DeviceNormalizer",
            "CachedDataset", "iterate_batches", "fits_on_device"]
@@ -148,14 +148,8 @@ def cached_split(samples: Sequence[tuple[Path, int]], prep: Prep = Prep(),
         return CachedSplit(d["images"], d["labels"])
     split = decode_split(samples, prep, num_workers)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"images": split.images, "labels": split.labels}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save({"images": split.images, "labels": split.labels},
+                                              tmp))
     return split
 
 

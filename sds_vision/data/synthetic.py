@@ -2,11 +2,13 @@
 
 One SOURCE task and three TARGET tasks that need different features:
 
-* ``shapes`` (source): which shape is drawn - circle / cross / square / triangle;
+* ``orientation`` (source): the angle bin of a bar (0/45/90/135 deg, +-12 deg jitter).
+  Mirror symmetric pairs (45 <-> 135) swap under a horizontal flip: train with
+  ``hflip=False``. A tiny ViT learns it from scratch in about a minute on a CPU (~90%
+  val top-1 at 16 px), so it makes a usable source model for the demo;
+* ``texture``: the fill pattern of a region - checker / dots / plain / stripes;
 * ``count``: how many objects (1-4) are drawn - a global, counting feature;
-* ``orientation``: the angle bin of a bar (0/45/90/135 deg, +-12 deg jitter). Mirror
-  symmetric pairs (45 <-> 135) swap under a horizontal flip: train with ``hflip=False``;
-* ``texture``: the fill pattern of a region - checker / dots / plain / stripes.
+* ``shapes``: which shape is drawn - circle / cross / square / triangle.
 
 Colours, sizes, positions, rotations and backgrounds are random; every image gets a
 background gradient and pixel noise so no single colour statistic solves a task. Each
@@ -37,8 +39,8 @@ TASKS: dict[str, tuple[str, ...]] = {
     "orientation": ("deg000", "deg045", "deg090", "deg135"),
     "texture": ("checker", "dots", "plain", "stripes"),
 }
-SOURCE_TASK = "shapes"
-TARGET_TASKS = ("count", "orientation", "texture")
+SOURCE_TASK = "orientation"
+TARGET_TASKS = ("texture", "count", "shapes")
 SPLITS = ("train", "val")
 _SS = 4          # draw at 4x, then average 4x4 blocks: anti-aliased edges, no resampler
 _VERSION = 1     # bump when drawing changes, so cached folders regenerate

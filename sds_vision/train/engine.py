@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
+from ..fileio import atomic_write
 from . import checkpoint as ckpt_io
 from .callbacks import CallbackList, TrainContext
 from .config import NonFiniteLossError, TrainConfig, TrainError, config_diff, git_commit
@@ -87,7 +88,7 @@ def save_weights(model: nn.Module, out_dir: Path, method: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous()
           for k, v in ckpt_io.trainable_state_dict(model, method == "full").items()}
-    ckpt_io.atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(sd, tmp))
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(sd, tmp))
 
 
 def fit(cfg: TrainConfig, train_ds, val_ds, num_classes: int, *, callbacks=(),

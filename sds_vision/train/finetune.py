@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_json
+from ..fileio import atomic_write_json
 from .config import TrainConfig, TrainError, config_diff
 from .engine import build_model, fit
 from .rundir import RunDir

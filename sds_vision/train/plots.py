@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import atomic_write  # noqa: E402
+from ..fileio import atomic_write  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> None:

@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 from .config import TrainError
 
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "seconds")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..fileio import atomic_write, atomic_write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, TrainError
 from .engine import build_model
@@ -74,7 +75,7 @@ def export_timm(model: nn.Module, out_dir: str | Path, classes: list[str]) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in merged.state_dict().items()}
-    ckpt_io.atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, tmp))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, tmp))
     arch = sds.model_name.split(".")[0]
     pcfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
             if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
@@ -83,7 +84,7 @@ def export_timm(model: nn.Module, out_dir: str | Path, classes: list[str]) -> Pa
     if sds.timm_kwargs.get("img_size"):
         s = sds.timm_kwargs["img_size"]
         pcfg["input_size"] = [3, *((s, s) if isinstance(s, int) else s)]
-    ckpt_io.atomic_write_json(out / "config.json", {
+    atomic_write_json(out / "config.json", {
         "architecture": arch, "model_name": sds.model_name, "num_classes": sds.num_classes,
         "num_features": getattr(model, "num_features", None), "model_args": sds.timm_kwargs,
         "label_names": list(classes), "pretrained_cfg": pcfg,
