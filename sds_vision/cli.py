@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="timm", choices=("timm", "peft"),
         help="timm: merged model.safetensors + config.json; peft: adapter for "
              "peft.PeftModel.from_pretrained")
+    va = sub.add_parser("validate", add_help=False,
+                        help="check a VTAB-1k or FGVC data root before any compute")
+    va.add_argument("args", nargs=argparse.REMAINDER,
+                    help="ROOT [--benchmark vtab|fgvc] [--tasks ...] [--no-decode]; -h for more")
     from sds_vision.demo import add_demo_args
     add_demo_args(sub.add_parser("demo", help="offline demo: pretrain a tiny ViT, compare "
                                               "methods on synthetic tasks"))
@@ -222,6 +226,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
+        from sds_vision.data.validate import main as validate_main
+        return validate_main(argv[1:])
     args = build_parser().parse_args(argv)
     commands = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "export": cmd_export}

@@ -215,3 +215,14 @@ def test_finetune_with_gradient_diagnostics(shapes, tmp_path, capsys):
     assert len(first) == 6 * 3
     # B = 0 at init: SDS-LoRA's first dA is exactly zero, dB is not (METHOD.md section 2)
     assert all(r["erank_gA"] == 0.0 and r["erank_gB"] > 1.0 for r in first)
+
+
+def test_validate_subcommand(tmp_path, capsys):
+    from benchmarks.vtab.tiny import make_tiny_vtab
+    make_tiny_vtab(tmp_path, ["kitti"])
+    rc, out, _ = run_cli(["validate", tmp_path, "--tasks", "kitti", "--expect-sizes", "8", "2",
+                          "10"], capsys)
+    assert rc == 0 and "kitti" in out and "structured" in out
+    (tmp_path / "kitti" / "val200.txt").unlink()
+    rc, out, _ = run_cli(["validate", tmp_path, "--tasks", "kitti"], capsys)
+    assert rc == 1 and "val200.txt" in out
