@@ -35,7 +35,7 @@ IMG_SIZE = 16
 METHOD_LR = {"linear": 3e-2, "lora": 1e-2, "sds_lora": 1e-2, "full": 1e-3}
 SOURCE_TRAIN = dict(lr=2e-3, weight_decay=0.05, batch_size=64)
 PROFILES = {  # train/class, val/class, source epochs, target epochs (batch 32)
-    "full": dict(n_train=256, n_val=64, source_epochs=40, target_epochs=9),
+    "full": dict(n_train=256, n_val=128, source_epochs=40, target_epochs=9),
     "quick": dict(n_train=16, n_val=8, source_epochs=3, target_epochs=2),
 }
 

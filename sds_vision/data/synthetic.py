@@ -43,7 +43,7 @@ SOURCE_TASK = "orientation"
 TARGET_TASKS = ("texture", "count", "shapes")
 SPLITS = ("train", "val")
 _SS = 4          # draw at 4x, then average 4x4 blocks: anti-aliased edges, no resampler
-_VERSION = 1     # bump when drawing changes, so cached folders regenerate
+_VERSION = 2     # bump when drawing changes, so cached folders regenerate
 
 
 def _colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -161,7 +161,7 @@ def _draw_texture(rng: np.random.Generator, cls: str, size: int) -> np.ndarray:
     theta = rng.uniform(0, np.pi)
     u = xx * np.cos(theta) + yy * np.sin(theta)
     v = -xx * np.sin(theta) + yy * np.cos(theta)
-    period = rng.uniform(0.12, 0.2) * size
+    period = rng.uniform(0.2, 0.3) * size  # >= 3 px at 16 px: no aliasing
     if cls == "stripes":
         on = np.sin(2 * np.pi * u / period) > 0
     elif cls == "checker":
