@@ -1,4 +1,4 @@
-"""Same as `sds-vision demo ...`: offline demo on CPU (add --quick for a < 60 s smoke run)."""
+"""Same as `sds-vision demo ...`: offline demo on CPU (add --quick for a < 30 s smoke run)."""
 
 import sys
 

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per method (2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-peft", action="store_true", help="skip peft even if installed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0 = torch's default, all cores)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (test_vit, 32 px)")
     p.add_argument("--out", default="runs/speed", help="directory for speed.md/json/png")
     args = p.parse_args(argv)
@@ -125,6 +127,8 @@ def memory_bytes(model, opt, x, y, device):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     methods = ["full", "lora", "sds_lora"]
     try:
