@@ -64,6 +64,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     o.add_argument("--batch-size", type=int, default=32, help="batch size per process (default 32)")
+    o.add_argument("--eval-every", type=int, default=1,
+        help="evaluate every N epochs; the last epoch always (0 = last only; default 1)")
     o.add_argument("--eval-batch-size", type=int, default=None,
         help="evaluation batch size (default 2x --batch-size)")
     o.add_argument("--lr", type=float, default=1e-3,
@@ -162,7 +164,7 @@ def config_from_args(a: argparse.Namespace):
         img_size=a.img_size, seed=a.seed, pretrained=a.pretrained or bool(a.checkpoint_path),
         checkpoint_path=os.path.abspath(a.checkpoint_path) if a.checkpoint_path else None,
         amp=not a.no_amp, channels_last=not a.no_channels_last, num_workers=a.workers,
-        eval_batch_size=a.eval_batch_size, out_dir=a.out, save_every_steps=a.save_every_steps,
+        eval_batch_size=a.eval_batch_size, eval_every=a.eval_every, out_dir=a.out, save_every_steps=a.save_every_steps,
         resume=a.resume, overwrite=a.overwrite, log_every_steps=a.log_every,
         progress=not a.no_progress, extra_timm_kwargs=dict(a.timm_arg))
 
@@ -227,9 +229,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
+    rest = argv[1:] if argv[:1] == ["--debug"] else argv
+    if rest[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
         from sds_vision.data.validate import main as validate_main
-        return validate_main(argv[1:])
+        return validate_main(rest[1:])
     args = build_parser().parse_args(argv)
     commands = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "export": cmd_export}
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sds-vision: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, KeyError) as e:
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
         # TrainError, NonFiniteLossError, DataError and the core's errors land here
         if args.debug:
             raise

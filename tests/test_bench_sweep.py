@@ -49,7 +49,7 @@ def test_vtab_sweep_report_resume(tmp_path, capsys):
     finals = {}
     for task in ("cifar", "kitti"):
         for m in ("lora", "linear"):
-            d = out / task / m / "seed0"
+            d = out / "final" / task / m / "seed0"
             finals[(task, m)] = json.loads((d / "final_metrics.json").read_text())
             bench = json.loads((d / "bench.json").read_text())
             assert bench["mode"] == "final" and bench["eval_split"] == "test"
@@ -69,13 +69,13 @@ def test_vtab_sweep_report_resume(tmp_path, capsys):
     assert "Only 2 of 19 tasks ran" in md and (out / "chart_structured.png").is_file()
 
     # re-run: everything finished -> skipped, files untouched
-    stamp = (out / "cifar/lora/seed0/final_metrics.json").stat().st_mtime_ns
+    stamp = (out / "final/cifar/lora/seed0/final_metrics.json").stat().st_mtime_ns
     assert run.main(argv) == 0
     assert "4 finished (skipped), 0 to run" in capsys.readouterr().out
-    assert (out / "cifar/lora/seed0/final_metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "final/cifar/lora/seed0/final_metrics.json").stat().st_mtime_ns == stamp
 
     # an unfinished run (checkpoint, no final_metrics.json) is resumed, not restarted
-    d = out / "kitti/linear/seed0"
+    d = out / "final/kitti/linear/seed0"
     (d / "final_metrics.json").unlink()
     assert run.main(argv) == 0
     log = capsys.readouterr().out
@@ -84,10 +84,17 @@ def test_vtab_sweep_report_resume(tmp_path, capsys):
     assert again["val_top1"] == finals[("kitti", "linear")]["val_top1"]
     assert json.loads((d / "config.json").read_text())["resumed_from_step"] == again["steps"]
 
-    # a run dir started with other settings is refused (not silently mixed)
+    # a finished run made with other settings is refused, not counted as done
+    assert run.main([*argv, "--epochs", "3"]) == 2
+    assert "made with different settings (hparams)" in capsys.readouterr().err
+    # an unfinished run dir started with other settings is refused (not silently mixed)
     (d / "final_metrics.json").unlink()
-    assert run.main([*argv, "--normalization", "inception"]) == 1
-    assert "started with different settings (preprocess)" in capsys.readouterr().out
+    assert run.main([*argv, "--normalization", "inception"]) == 2
+    assert "made with different settings (preprocess)" in capsys.readouterr().err
+    # tune runs live beside final runs, never in the same folders
+    assert run.main([*argv, "--mode", "tune", "--tasks", "kitti", "--methods", "lora"]) == 0
+    assert (out / "tune/kitti/lora/seed0/final_metrics.json").is_file()
+    assert (d / "bench.json").is_file() and not (d / "final_metrics.json").exists()
 
 
 def test_dry_run_and_errors(tmp_path, capsys):
@@ -118,7 +125,7 @@ def test_fgvc_sweep(tmp_path, capsys):
                           "--out", str(out), *COMMON]) == 0
     log = capsys.readouterr().out
     assert "[1/1] stanford_dogs" in log
-    bench = json.loads((out / "stanford_dogs/lora/seed0/bench.json").read_text())
+    bench = json.loads((out / "final/stanford_dogs/lora/seed0/bench.json").read_text())
     assert bench["benchmark"] == "fgvc" and bench["train_split"] == "train"
     assert bench["preprocess"]["augment"] is True and bench["preprocess"]["resize"] == 37
     md = (out / "report.md").read_text()

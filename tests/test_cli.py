@@ -226,3 +226,12 @@ def test_validate_subcommand(tmp_path, capsys):
     (tmp_path / "kitti" / "val200.txt").unlink()
     rc, out, _ = run_cli(["validate", tmp_path, "--tasks", "kitti"], capsys)
     assert rc == 1 and "val200.txt" in out
+
+
+def test_conflicting_or_rejected_flags_are_one_line_errors(shapes, tmp_path, capsys):
+    rc, _, err = run_cli(["finetune", "--data", shapes, *TINY, "--epochs", "1", "--resume",
+                          "--overwrite", "--out", tmp_path / "r"], capsys)
+    assert rc == 1 and "--resume and --overwrite exclude each other" in err
+    rc, _, err = run_cli(["finetune", "--data", shapes, *TINY, "--epochs", "1", "--timm-arg",
+                          "foo=1", "--out", tmp_path / "t"], capsys)
+    assert rc == 1 and "unexpected keyword argument 'foo'" in err and len(err.splitlines()) == 1

@@ -17,7 +17,7 @@ from sds_vision.data.vtab import VTAB_TASKS  # noqa: E402
 
 def _run(root, task, method, seed, top1, best=None, mode="final", trainable=1_000, head=100,
          bench=True):
-    d = run_dir(root, task, method, seed)
+    d = run_dir(root, mode, task, method, seed)
     d.mkdir(parents=True)
     fm = {"val_top1": top1, "best_val_top1": best if best is not None else top1,
           "params": {"total": 5000, "trainable": trainable, "adapter": trainable - head,
@@ -110,7 +110,7 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(ValueError, match="several split modes"):
         summarise(load_results(tmp_path))
     assert summarise(load_results(tmp_path), mode="tune").mean_all["lora"] == (50.0, 1, 19)
-    d = run_dir(tmp_path, "kitti", "lora", 0)
+    d = run_dir(tmp_path, "final", "kitti", "lora", 0)
     d.mkdir(parents=True)
     (d / "final_metrics.json").write_text("{\n  \"val_top1\": ")
     with pytest.raises(ValueError, match=r"final_metrics.json:2: invalid JSON"):
@@ -120,7 +120,7 @@ def test_bad_inputs(tmp_path, capsys):
 def test_mixed_settings_warned(tmp_path):
     _run(tmp_path, "cifar", "lora", 0, 50.0)
     _run(tmp_path, "dtd", "lora", 0, 40.0)
-    b = tmp_path / "dtd/lora/seed0/bench.json"
+    b = tmp_path / "final/dtd/lora/seed0/bench.json"
     rec = json.loads(b.read_text())
     rec["preprocess"]["normalization"] = "inception"
     rec["backbone"] = "vit_base_patch16_224.orig_in21k"

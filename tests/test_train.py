@@ -272,3 +272,18 @@ def test_progress_plain_lines_when_not_a_terminal():
                      "epoch 1/2 train_loss 0.5000 val_loss 0.4000 val_top1 90.00 val_top5 100.00 "
                      "(1.0s)"]
     assert p.tty is False
+
+
+def test_eval_every_zero_evaluates_only_the_last_epoch(tmp_path):
+    """Benchmark final runs: no per-epoch test evaluation; the last epoch is still exact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 3, (24,))
+    ds = torch.utils.data.TensorDataset(x, y)
+    common = dict(model="test_vit", method="lora", rank=2, epochs=3, batch_size=8, lr=1e-3,
+                  img_size=32, warmup_epochs=0, progress=False)
+    every = fit(TrainConfig(**common, out_dir=str(tmp_path / "every")), ds, ds, 3)
+    last = fit(TrainConfig(**common, eval_every=0, out_dir=str(tmp_path / "last")), ds, ds, 3)
+    assert last["val_top1"] == every["val_top1"] and last["val_loss"] == every["val_loss"]
+    rows = [json.loads(r) for r in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_top1"] is None for r in rows] == [True, True, False]
+    assert (tmp_path / "last" / "curves.png").stat().st_size > 1000

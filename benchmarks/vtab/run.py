@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     a("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one run each)")
     a("--model", default="vit_base", help="alias (vit_base = ViT-B/16 orig IN-21k) or timm name")
-    a("--out", required=True, help="sweep folder: <out>/<task>/<method>/seed<k>/")
+    a("--out", required=True, help="sweep folder: <out>/<mode>/<task>/<method>/seed<k>/")
     a("--mode", choices=["final", "tune"], default="final",
       help="final: train800val200 -> test; tune: train800 -> val200 (FGVC: train -> test / val)")
     a("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet",
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process)")
     a("--cache-dir", default=None, help="decoded uint8 split cache (default <out>/.cache)")
     a("--no-cache", action="store_true", help="decode in memory only, write no cache files")
+    a("--eval-every", type=int, default=None,
+      help="evaluate every N epochs (default: final mode 0 = last epoch only, since the test "
+           "split is large and only the last epoch is reported; tune mode 1)")
     a("--dry-run", action="store_true", help="validate the data root, print the plan, stop")
     a("--no-decode-check", action="store_true", help="validation: check files exist, skip decode")
     a("--expect-sizes", nargs=3, type=int, default=[800, 200, 1000], metavar=("TR", "VAL", "TRVAL"),
@@ -123,7 +126,24 @@ def bench_record(args, spec: RunSpec) -> dict:
             "preprocess": pre.to_dict(), "engine_fixed": ENGINE_FIXED,
             "pretrained": args.pretrained, "checkpoint_path": args.checkpoint_path,
             "data_root": str(Path(args.data_root).resolve()),
-            "reported_metric": "val_top1 = top-1 on eval_split at the LAST epoch"}
+            "reported_metric": "val_top1 = top-1 on eval_split at the LAST epoch",
+            "eval_every": _eval_every(args)}
+
+
+def _eval_every(args) -> int:
+    return args.eval_every if args.eval_every is not None else (0 if args.mode == "final" else 1)
+
+
+def check_settings(d: Path, rec: dict) -> None:
+    """Refuse a run folder (finished or not) that was made with other settings."""
+    old = d / "bench.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
+                != json.dumps(rec.get(k), sort_keys=True)]
+        if diff:
+            raise BenchmarkDataError(f"{old}: run was made with different settings "
+                                     f"({', '.join(diff)}); use another --out or delete it")
 
 
 def execute(args, spec: RunSpec, data_cache: dict) -> dict:
@@ -132,17 +152,10 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
 
     from benchmarks.vtab.datasets import build_task_data
     from sds_vision.train import TrainConfig, fit
-    d = run_dir(args.out, spec.task, spec.method, spec.seed)
+    d = run_dir(args.out, args.mode, spec.task, spec.method, spec.seed)
     rec = bench_record(args, spec)
-    old = d / "bench.json"
-    if old.is_file():
-        prev = json.loads(old.read_text())
-        diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
-                != json.dumps(rec.get(k), sort_keys=True)]
-        if diff:
-            raise BenchmarkDataError(f"{old}: run was started with different settings "
-                                     f"({', '.join(diff)}); use another --out or delete it")
-    atomic_write_json(old, rec)
+    check_settings(d, rec)
+    atomic_write_json(d / "bench.json", rec)
     key = (spec.task, args.mode)
     if key not in data_cache:
         data_cache.clear()  # keep one task's splits in memory (runs are task-major)
@@ -164,6 +177,7 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
         num_workers=args.num_workers if args.num_workers is not None else (
             min(8, max(1, (os.cpu_count() or 2) // max(args.gpus or 1, 1) - 1)) if cuda else 0),
         eval_batch_size=args.eval_batch_size or (512 if cuda else 128),
+        eval_every=rec["eval_every"],
         out_dir=str(d), resume=True, progress=args.verbose,
         log_every_steps=50 if not args.verbose else 10)
     final = fit(cfg, data.train, data.eval, data.num_classes)
@@ -197,7 +211,10 @@ def run_sweep(args) -> int:
     names = resolve_names(args)
     validate(args, names)
     plan = [RunSpec(t, m, s) for t in names for m in args.methods for s in args.seeds]
-    done = [p for p in plan if is_finished(run_dir(args.out, p.task, p.method, p.seed))]
+    done = [p for p in plan if is_finished(run_dir(args.out, args.mode, p.task, p.method, p.seed))]
+    for p in done:  # a finished run counts only if it was made with these settings
+        check_settings(run_dir(args.out, args.mode, p.task, p.method, p.seed),
+                       bench_record(args, p))
     todo = [p for p in plan if p not in done]
     print(f"plan: {len(plan)} runs ({len(names)} tasks x {len(args.methods)} methods x "
           f"{len(args.seeds)} seeds), {len(done)} finished (skipped), {len(todo)} to run; "
@@ -206,7 +223,7 @@ def run_sweep(args) -> int:
     if args.dry_run:
         for p in todo:
             print(f"  would run {p.task} {p.method} seed {p.seed} -> "
-                  f"{run_dir(args.out, p.task, p.method, p.seed)}")
+                  f"{run_dir(args.out, args.mode, p.task, p.method, p.seed)}")
         return 0
     import torch
     gpus = args.gpus if args.gpus is not None else max(torch.cuda.device_count(), 1)

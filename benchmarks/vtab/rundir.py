@@ -1,6 +1,6 @@
 """Layout of a benchmark sweep on disk, shared by the runner and the report.
 
-    <out>/<task>/<method>/seed<k>/
+    <out>/<mode>/<task>/<method>/seed<k>/
         bench.json           what the runner asked for (benchmark, task, method, seed, split
                              mode, hyperparameters, preprocessing, backbone); written first
         config.json, metrics.jsonl, ... final_metrics.json    the engine's run directory
@@ -22,8 +22,9 @@ __all__ = ["run_dir", "atomic_write_text", "atomic_write_json", "RunResult", "lo
            "is_finished"]
 
 
-def run_dir(out: str | Path, task: str, method: str, seed: int) -> Path:
-    return Path(out) / task / method / f"seed{seed}"
+def run_dir(out: str | Path, mode: str, task: str, method: str, seed: int) -> Path:
+    """``<out>/<mode>/<task>/<method>/seed<k>``: tune and final runs never share a folder."""
+    return Path(out) / mode / task / method / f"seed{seed}"
 
 
 def is_finished(d: str | Path) -> bool:

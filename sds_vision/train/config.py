@@ -37,7 +37,8 @@ class TrainConfig:
     """Everything that determines a fine-tuning run (saved as `config.json`).
 
     `head_lr=None` uses `lr` for the classifier too. `img_size=None` keeps the model's
-    default. `eval_batch_size=None` uses `2 * batch_size`. `save_every_steps=0` checkpoints
+    default. `eval_batch_size=None` uses `2 * batch_size`. `eval_every=N` evaluates every N-th epoch
+    and always the last (0 = the last epoch only: benchmark final runs on a large test split). `save_every_steps=0` checkpoints
     once per epoch only. `warmup_epochs` is capped at `epochs - 1`. `amp`/`channels_last` apply on CUDA only (bf16 autocast); CPU
     always trains in float32. `extra_timm_kwargs` go to `timm.create_model`.
     """
@@ -66,6 +67,7 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 2
     eval_batch_size: int | None = None
+    eval_every: int = 1
     out_dir: str = "runs/finetune"
     save_every_steps: int = 0
     resume: bool = False

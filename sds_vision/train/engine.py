@@ -213,7 +213,7 @@ def _fit(cfg, train_ds, val_ds, num_classes, callbacks, model, info: DistInfo) -
 
     def save_last(epoch_idx: int, in_epoch: int) -> None:
         # never replace a good checkpoint with weights that are already inf/NaN
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()):
             raise NonFiniteLossError(step, (step - 1) // steps_per_epoch + 1,
                                      str(run.last) if run.last.exists() else None, what="weights")
         local = {"rng": ckpt_io.rng_state(), "loss_sum": float(loss_sum.item()),
@@ -278,24 +278,27 @@ def _fit(cfg, train_ds, val_ds, num_classes, callbacks, model, info: DistInfo) -
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64,
                                                                     device=device)]), info)
         train_loss = float(totals[0].item() / max(totals[1].item(), 1.0))
-        val = evaluate(model, v_loader, num_classes, device, amp=cfg.amp,
-                       channels_last=cfg.channels_last, info=info)
+        if epoch + 1 == cfg.epochs or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0):
+            val = evaluate(model, v_loader, num_classes, device, amp=cfg.amp,
+                           channels_last=cfg.channels_last, info=info)
+        else:  # skipped epoch: no val numbers (None in metrics files, gaps in the plot)
+            val = {"val_loss": None, "val_top1": None, "val_top5": None}
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": train_loss, **val, "seconds": time.perf_counter() - t_epoch}
         history.append(row)
-        improved = val["val_top1"] > best_top1
+        improved = val["val_top1"] is not None and val["val_top1"] > best_top1
         if improved:
             best_top1, best_epoch = val["val_top1"], epoch + 1
         loss_sum.zero_()
         loss_count, step_in_epoch = 0, 0
-        save_last(epoch + 1, 0)
-        if info.is_main:
+        if info.is_main:  # best.pt and metrics before last.pt: a crash in between re-runs them
             run.write_epoch_metrics(history)
             if improved:
                 ckpt_io.save_checkpoint(run.best, {
                     "model": ckpt_io.trainable_state_dict(model, cfg.method == "full"),
                     "epoch": epoch + 1, "step": step, "val_top1": best_top1,
                     "config_key": cfg.resume_key()})
+        save_last(epoch + 1, 0)
         progress.end_epoch(row)
         cbs.on_epoch_end(ctx, dict(row))
     progress.close()

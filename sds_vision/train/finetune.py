@@ -126,7 +126,8 @@ def predict_paths(run_dir, inputs, *, top_k: int = 5, batch_size: int = 64,
     rows = []
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
-        probs = predict_batches(model, [tf(load_image_rgb(p)) for p in chunk], batch_size)
+        probs = predict_batches(model, [tf(_decode(p, load_image_rgb)) for p in chunk],
+                                batch_size)
         top = probs.topk(k, dim=-1)
         for p, vals, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
             rows.append((str(p), [(classes[j], v) for j, v in zip(idx, vals)]))
@@ -134,3 +135,12 @@ def predict_paths(run_dir, inputs, *, top_k: int = 5, batch_size: int = 64,
 
 
 __all__ = ["finetune", "evaluate_run", "predict_paths", "read_run"]
+
+
+def _decode(path, load):
+    """Decode one image for predict; a bad file is an error that names it."""
+    from sds_vision.data import DataError
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None

@@ -30,9 +30,12 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
 
     was_training = model.training
     model.eval()
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    per_class = MulticlassAccuracy(num_classes, top_k=1, average=None).to(device)
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro",
+                              validate_args=False).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro",
+                              validate_args=False).to(device)
+    per_class = MulticlassAccuracy(num_classes, top_k=1, average=None,
+                                   validate_args=False).to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in loader:

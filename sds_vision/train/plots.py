@@ -26,15 +26,16 @@ def plot_curves(epoch_rows: list[dict], step_rows: list[dict], path: str | Path,
                      color="tab:blue", alpha=0.35, lw=1, label="train (logged steps)")
     ax_loss.plot([r["step"] for r in epoch_rows], [r["train_loss"] for r in epoch_rows],
                  "o-", color="tab:blue", label="train (epoch mean)")
-    ax_loss.plot([r["step"] for r in epoch_rows], [r["val_loss"] for r in epoch_rows],
+    evaluated = [r for r in epoch_rows if r["val_top1"] is not None]
+    ax_loss.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated],
                  "s-", color="tab:orange", label="val")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_acc.plot([r["epoch"] for r in epoch_rows], [r["val_top1"] for r in epoch_rows], "o-",
+    ax_acc.plot([r["epoch"] for r in evaluated], [r["val_top1"] for r in evaluated], "o-",
                 label="val top-1")
-    ax_acc.plot([r["epoch"] for r in epoch_rows], [r["val_top5"] for r in epoch_rows], "s--",
+    ax_acc.plot([r["epoch"] for r in evaluated], [r["val_top5"] for r in evaluated], "s--",
                 label="val top-5")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")

@@ -44,9 +44,11 @@ class Progress:
         if self._epoch_bar is not None:
             self._epoch_bar.update(1)
         if self.enabled:
+            val = (f"val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.2f} "
+                   f"val_top5 {row['val_top5']:.2f}" if row["val_top1"] is not None
+                   else "(no evaluation this epoch)")
             self.write(f"epoch {row['epoch']}/{self.epochs} train_loss {row['train_loss']:.4f} "
-                       f"val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.2f} "
-                       f"val_top5 {row['val_top5']:.2f} ({row['seconds']:.1f}s)")
+                       f"{val} ({row['seconds']:.1f}s)")
 
     def write(self, line: str) -> None:
         if not self.enabled:

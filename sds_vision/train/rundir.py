@@ -29,6 +29,9 @@ class RunDir:
         """Return 'fresh' or 'resume', or raise with a one-line reason. Reads only."""
         if self.path.exists() and not self.path.is_dir():
             raise TrainError(f"output path {self.path} exists and is not a directory")
+        if overwrite and resume:
+            raise TrainError("--resume and --overwrite exclude each other: resume continues the "
+                             "run in the output dir, overwrite deletes it")
         if overwrite:
             return "fresh"
         if resume:

@@ -74,7 +74,8 @@ def export_timm(model: nn.Module, out_dir: str | Path, classes: list[str]) -> Pa
     merged = merge_adapters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in merged.state_dict().items()}
+    sd = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in merged.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, tmp))
     arch = sds.model_name.split(".")[0]
     pcfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
