@@ -156,6 +156,9 @@ def test_cache_matches_pil_pipeline(root, tmp_path):
     assert len(list((tmp_path / "c").glob("cifar-test-*.pt"))) == 1
     b = cached_split(samples, Prep(24), cache_dir=tmp_path / "c", name="cifar-test")
     assert torch.equal(a.images, b.images) and torch.equal(a.images, split.images)
+    # a split larger than the disk threshold stays in memory only
+    c = cached_split(samples, Prep(24), cache_dir=tmp_path / "d", name="big", max_disk_bytes=10)
+    assert torch.equal(c.images, a.images) and not (tmp_path / "d").exists()
 
 
 def test_cache_fgvc_center_crop():

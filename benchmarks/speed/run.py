@@ -9,9 +9,9 @@ depend on the machine.
     python benchmarks/speed/run.py --quick               # smoke run (test_vit, 32 px)
     python benchmarks/speed/run.py --device cuda         # GPU default: vit_base, batch 64, bf16
 
-Memory: on CUDA, peak allocated bytes per train step (torch.cuda.max_memory_allocated).
-On CPU, the bytes of tensors saved for backward (the part of training memory a method
-changes; counted with saved-tensor hooks) plus the optimizer state.
+Memory (the part of training memory a method changes), plus the optimizer state: on CUDA
+the peak allocated during one step above what was allocated before it; on CPU the bytes of
+tensors saved for backward (counted with saved-tensor hooks).
 """
 
 from __future__ import annotations
@@ -105,13 +105,19 @@ def timed(fn, device):
 
 
 def memory_bytes(model, opt, x, y, device):
-    """Peak CUDA bytes of one step, or saved-for-backward + optimizer-state bytes on CPU."""
+    """Memory a method's training step needs beyond the resident weights, plus its optimizer
+    state. CUDA: peak allocated during one step minus what was allocated before it (all
+    methods' models share the device, so the absolute peak would hide the differences).
+    CPU: bytes of the tensors saved for backward."""
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, opt, x, y, device)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - before + state
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -120,8 +126,6 @@ def memory_bytes(model, opt, x, y, device):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(model, opt, x, y, device)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v))
     return sum(seen.values()) + state
 
 
@@ -194,7 +198,7 @@ def _machine(dev):
 
 
 def report(result, out: Path, dev: str) -> None:
-    mem_label = "peak CUDA MB" if dev.startswith("cuda") else "saved+optim MB"
+    mem_label = "step peak over resident + optim MB" if dev.startswith("cuda") else "saved+optim MB"
     lines = [f"Machine: {result['machine']}; torch {torch.__version__}", "",
              f"| method | trainable params | step time (median s) | {mem_label} |",
              "|---|---:|---:|---:|"]
