@@ -235,3 +235,16 @@ def test_skip_corrupt_reports_and_drops(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(DataError, match=r"/val/a: class folder has no "
                                                                     r"readable images left"):
         ImageFolderSplits(tmp_path, skip_corrupt=True)
+
+
+def test_ignored_entries_are_reported_not_silently_dropped(tmp_path):
+    _tree(tmp_path / "train", {"a": 2, "b": 2})
+    _tree(tmp_path / "val", {"a": 1, "b": 1})
+    _tree(tmp_path / "extra", {"a": 1})
+    _save(tmp_path / "train" / "stray.png")
+    with pytest.warns(UserWarning) as record:
+        splits = ImageFolderSplits(tmp_path)
+    text = " | ".join(str(w.message) for w in record)
+    assert "ignoring folder(s) ['extra']" in text
+    assert "ignoring 1 image(s) outside class folders, e.g. stray.png" in text
+    assert len(splits.train) == 4 and len(splits.val) == 2

@@ -99,6 +99,10 @@ def _scan_split(folder: Path) -> dict[str, list[Path]]:
         loose = [p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
         hint = " (images found directly in it; expected <class>/ sub-folders)" if loose else ""
         raise DataError(f"{folder}: no class folders found{hint}")
+    loose = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    if loose:  # reported, never silently dropped
+        warnings.warn(f"{folder}: ignoring {len(loose)} image(s) outside class folders, e.g. "
+                      f"{loose[0]}", stacklevel=4)
     files = {}
     for name, path in dirs.items():
         files[name] = _list_images(path)
@@ -214,6 +218,12 @@ class ImageFolderSplits:
         else:
             self.layout = "split"
             self._dirs = {s: self.root / s for s in present}
+            extra = sorted(p.name for p in self.root.iterdir()
+                           if p.is_dir() and not _is_hidden(p.name) and p.name not in SPLIT_DIRS)
+            if extra:
+                warnings.warn(f"{self.root}: ignoring folder(s) {extra} beside "
+                              f"{'/'.join(present)}/ (the split layout reads only those)",
+                              stacklevel=3)
         return {split: _scan_split(folder) for split, folder in self._dirs.items()}
 
     def _drop_corrupt(self, raw: dict[str, dict[str, list[Path]]], skip: bool) -> list[Path]:
@@ -225,7 +235,7 @@ class ImageFolderSplits:
             path, err = min(bad.items())
             more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
             raise DataError(f"{path}: corrupt or undecodable image ({err}){more}; "
-                            "pass skip_corrupt=True to drop such files")
+                            "pass skip_corrupt=True (--skip-corrupt) to drop such files")
         warnings.warn(f"{self.root}: skipped {len(bad)} corrupt image(s), e.g. {min(bad)}",
                       stacklevel=3)
         for split, files in raw.items():
