@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sds_vision.models import METHODS  # noqa: E402
 from benchmarks.vtab.rundir import RunResult, atomic_write_text, load_results  # noqa: E402
 from sds_vision.data.fgvc import FGVC_DATASETS  # noqa: E402
 from sds_vision.data.vtab import VTAB_GROUPS  # noqa: E402
@@ -29,7 +30,7 @@ from sds_vision.data.vtab import VTAB_GROUPS  # noqa: E402
 __all__ = ["summarise", "Summary", "render_markdown", "write_report", "ANCHORS", "main"]
 
 GROUPS = {"vtab": dict(VTAB_GROUPS), "fgvc": {"fgvc": tuple(FGVC_DATASETS)}}
-METHOD_ORDER = ("sds_lora", "lora", "full", "linear")
+METHOD_ORDER = METHODS
 
 # Published anchors, ViT-B/16 IN-21k, top-1 % (BENCHMARKS.md). THEIRS, not ours.
 ANCHOR_COLS = ("params (M)", "natural", "specialized", "structured", "VTAB mean",

@@ -29,7 +29,7 @@ from benchmarks.vtab.protocol import (BENCHMARKS, ENGINE_FIXED, NORMALIZATIONS, 
 from benchmarks.vtab.rundir import atomic_write_json, is_finished, run_dir  # noqa: E402
 from sds_vision.data.vtab import SPLIT_FILES, BenchmarkDataError  # noqa: E402
 
-METHODS = ("sds_lora", "lora", "full", "linear")
+from sds_vision.models import METHODS  # noqa: E402
 # bench.json fields that must match when a run directory is resumed.
 _IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "preprocess",
              "pretrained", "checkpoint_path")

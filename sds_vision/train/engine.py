@@ -72,11 +72,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return out
 
 
-def _count_params(model: nn.Module) -> dict:
-    from sds_vision import count_parameters
-    return count_parameters(model)
-
-
 def save_weights(model: nn.Module, out_dir: Path, method: str) -> None:
     """`adapter/`: `save_adapter` output (every weight for method `full`). A model built
     outside `create_sds_model` (no `sds_config`) gets its trained tensors as safetensors."""
@@ -137,7 +132,8 @@ def _fit(cfg, train_ds, val_ds, num_classes, callbacks, model, info: DistInfo) -
     model.to(device)
     if on_cuda and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    params = _count_params(model)
+    from sds_vision import count_parameters
+    params = count_parameters(model)
 
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt="adamw", lr=cfg.lr,
                                     weight_decay=cfg.weight_decay)
