@@ -1,15 +1,30 @@
-"""`sds-vision`: finetune / evaluate / predict / export / demo from the command line."""
+"""`sds-vision`: finetune / evaluate / predict / export / validate / demo from the command line.
+
+Parsers are built from the torch-free configuration dataclasses (defaults and help come
+from them), and each command imports its implementation when it runs, so `--help` and
+argument errors answer without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import io
 import json
 import os
 import sys
-from pathlib import Path
+
+from .config import AdapterConfig
+from .errors import UserError
+from .methods import METHODS
+from .train.config import PRECISIONS, SCHEDULES, TrainConfig
 
 EXIT_ERROR = 1
+_T = TrainConfig()  # defaults of every training flag
+# Errors a user can fix: one line, no traceback. Everything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -22,162 +37,204 @@ def _kv(text: str) -> tuple[str, object]:
         return key, value
 
 
+def add_adapter_args(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     dest_prefix: str = "") -> None:
+    """One flag per `AdapterConfig` field, with its default and help (method options say
+    which methods use them)."""
+    for f in dataclasses.fields(AdapterConfig):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        methods = meta.get("methods")
+        help_ = meta["help"] + (f" ({', '.join(methods)} only)" if methods else "")
+        kw = dict(dest=dest_prefix + f.name, help=help_ + " (default: %(default)s)")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+        elif f.name == "targets":
+            p.add_argument(flag, default=f.default, metavar="LIST", **kw)
+        else:
+            typ = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=f.default, choices=meta.get("choices"), **kw)
+
+
+def adapter_from_args(a: argparse.Namespace, dest_prefix: str = "") -> AdapterConfig:
+    return AdapterConfig(**{f.name: getattr(a, dest_prefix + f.name)
+                            for f in dataclasses.fields(AdapterConfig)})
+
+
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    from sds_vision.models import METHODS
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True,
         help="image folder: DIR/<class>/* or DIR/train|val[|test]/<class>/*")
     d.add_argument("--val-ratio", type=float, default=0.2,
-        help="fraction of each class held out for validation when DIR has no val/ (default 0.2)")
+        help="fraction of each class held out for validation when DIR has no val/ "
+             "(default: %(default)s)")
     d.add_argument("--skip-corrupt", action="store_true",
         help="drop undecodable images instead of failing (strict by default)")
     d.add_argument("--no-aug", action="store_true",
         help="train without augmentation (resize + center crop only)")
     d.add_argument("--no-hflip", action="store_true",
         help="no random horizontal flip (orientation-sensitive tasks)")
-    d.add_argument("--workers", type=int, default=2,
-        help="DataLoader worker processes (0 = load in the main process)")
+    d.add_argument("--workers", type=int, default=_T.num_workers,
+        help="DataLoader worker processes, 0 = load in the main process (default: %(default)s)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_base",
-        help="alias (vit_base, swin_base, convnext_base, ...) or timm model name (default "
-             "vit_base)")
-    m.add_argument("--method", default="sds_lora",
-        help=f"what to train: {', '.join(METHODS)} (default sds_lora)")
-    m.add_argument("--rank", type=int, default=8, help="adapter rank r (default 8)")
-    m.add_argument("--alpha", type=float, default=None,
-        help="adapter scaling alpha (default: the method's default)")
-    m.add_argument("--targets", default=None,
-        help="comma-separated layers to adapt, e.g. 'q,v' (slices of the fused qkv), "
-             "'qkv,proj,fc1,fc2' (default: the family's table)")
-    m.add_argument("--basis", default="polar", help="SDS-LoRA basis (default polar)")
-    m.add_argument("--img-size", type=int, default=None,
+    m.add_argument("--model", default=_T.model,
+        help="alias (vit_base, swin_base, convnext_base, ...) or timm model name "
+             "(default: %(default)s)")
+    m.add_argument("--method", default=_T.method, metavar="METHOD",
+        help="what to train: " + "; ".join(f"{n} = {s.summary}" for n, s in METHODS.items())
+             + " (default: %(default)s)")
+    m.add_argument("--img-size", type=int, default=_T.img_size,
         help="input resolution (default: the model's); small values make tiny models run on CPU")
-    m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default 0)")
+    m.add_argument("--drop-path", type=float, default=_T.drop_path,
+        help="stochastic depth rate (default: %(default)s)")
     m.add_argument("--pretrained", action="store_true",
         help="start from pretrained weights (Hugging Face cache or --checkpoint-path; never "
              "downloads when offline)")
     m.add_argument("--checkpoint-path", default=None,
         help="local weights file (.safetensors/.pth/.npz) for the backbone; implies --pretrained")
     m.add_argument("--timm-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-        help="extra timm.create_model argument, repeatable (e.g. --timm-arg patch_size=4 --timm-"
-             "arg depth=4)")
+        help="extra timm.create_model argument, repeatable (e.g. --timm-arg patch_size=4 "
+             "--timm-arg depth=4)")
+    add_adapter_args(p.add_argument_group("adapter (low-rank methods)"))
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    o.add_argument("--batch-size", type=int, default=32, help="batch size per process (default 32)")
-    o.add_argument("--eval-every", type=int, default=1,
-        help="evaluate every N epochs; the last epoch always (0 = last only; default 1)")
-    o.add_argument("--eval-batch-size", type=int, default=None,
-        help="evaluation batch size (default 2x --batch-size)")
-    o.add_argument("--lr", type=float, default=1e-3,
-        help="peak learning rate, AdamW (default 1e-3)")
-    o.add_argument("--head-lr", type=float, default=None,
+    o.add_argument("--epochs", type=int, default=_T.epochs,
+        help="training epochs (default: %(default)s)")
+    o.add_argument("--batch-size", type=int, default=_T.batch_size,
+        help="batch size per process and micro-batch (default: %(default)s)")
+    o.add_argument("--accum-steps", type=int, default=_T.accum_steps,
+        help="micro-batches per optimizer step (gradient accumulation; exact: the loss is "
+             "the mean over all of them) (default: %(default)s)")
+    o.add_argument("--drop-last", action="store_true",
+        help="drop each epoch's last partial batch")
+    o.add_argument("--lr", type=float, default=_T.lr,
+        help="peak learning rate, AdamW (default: %(default)s)")
+    o.add_argument("--head-lr", type=float, default=_T.head_lr,
         help="learning rate of the classifier head (default: --lr)")
-    o.add_argument("--weight-decay", type=float, default=1e-4,
-        help="AdamW weight decay; not applied to biases/norms (default 1e-4)")
-    o.add_argument("--warmup-epochs", type=int, default=1,
-        help="linear warm-up epochs before the cosine decay (default 1)")
-    o.add_argument("--min-lr", type=float, default=0.0,
-        help="learning rate at the end of the cosine (default 0)")
-    o.add_argument("--label-smoothing", type=float, default=0.0,
-        help="cross-entropy label smoothing (default 0)")
-    o.add_argument("--clip-grad", type=float, default=1.0,
-        help="max gradient norm, 0 = no clipping (default 1.0)")
-    o.add_argument("--seed", type=int, default=0,
-        help="seed for init, split, order and augmentation (default 0)")
-    o.add_argument("--no-amp", action="store_true",
-        help="no bf16 autocast on CUDA (CPU is always float32)")
-    o.add_argument("--no-channels-last", action="store_true",
+    o.add_argument("--weight-decay", type=float, default=_T.weight_decay,
+        help="AdamW weight decay; not applied to biases/norms (default: %(default)s)")
+    o.add_argument("--sched", default=_T.sched, choices=SCHEDULES,
+        help="learning-rate decay after the warm-up (default: %(default)s)")
+    o.add_argument("--sched-per", default=_T.sched_per, choices=("step", "epoch"),
+        help="update the learning rate every optimizer step or once per epoch "
+             "(default: %(default)s)")
+    o.add_argument("--warmup-epochs", type=int, default=_T.warmup_epochs,
+        help="linear warm-up epochs, capped at --epochs - 1 (default: %(default)s)")
+    o.add_argument("--warmup-lr", type=float, default=_T.warmup_lr,
+        help="learning rate the warm-up starts from (default: --lr x 0.01)")
+    o.add_argument("--min-lr", type=float, default=_T.min_lr,
+        help="learning rate at the end of the decay (default: %(default)s)")
+    o.add_argument("--label-smoothing", type=float, default=_T.label_smoothing,
+        help="cross-entropy label smoothing (default: %(default)s)")
+    o.add_argument("--clip-grad", type=float, default=_T.clip_grad,
+        help="max gradient norm, 0 = no clipping (default: %(default)s)")
+    o.add_argument("--seed", type=int, default=_T.seed,
+        help="seed for init, split, order and augmentation (default: %(default)s)")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--precision", default=_T.precision, choices=PRECISIONS,
+        help="CUDA: bf16 autocast or fp32 (TF32 matmuls); the CPU always trains in float32 "
+             "(default: %(default)s)")
+    h.add_argument("--no-channels-last", action="store_true",
         help="no channels-last memory format on CUDA")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model")
+    h.add_argument("--threads", type=int, default=_T.threads,
+        help="torch CPU threads (default: torch's choice, all cores)")
     r = p.add_argument_group("run directory")
-    r.add_argument("--out", default="runs/finetune", help="run directory (default runs/finetune)")
+    r.add_argument("--out", default=_T.out_dir, help="run directory (default: %(default)s)")
     r.add_argument("--resume", action="store_true",
         help="continue the run in --out from checkpoints/last.pt (same config required)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    r.add_argument("--save-every-steps", type=int, default=0,
-        help="also checkpoint every N steps (default: once per epoch)")
-    r.add_argument("--log-every", type=int, default=10,
-        help="log the training loss every N steps (default 10)")
+    r.add_argument("--save-every-steps", type=int, default=_T.save_every_steps,
+        help="also checkpoint every N steps, 0 = once per epoch (default: %(default)s)")
+    r.add_argument("--eval-every", type=int, default=_T.eval_every,
+        help="evaluate every N epochs and always the last, 0 = last only (default: %(default)s)")
+    r.add_argument("--eval-batch-size", type=int, default=_T.eval_batch_size,
+        help="evaluation batch size (default: 2x --batch-size)")
+    r.add_argument("--log-every", type=int, default=_T.log_every_steps,
+        help="log the training loss every N steps (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
     r.add_argument("--diagnostics-every", type=int, default=0,
         help="every N steps log per-layer gradient diagnostics (effective rank, conditioning, "
              "alignment with the full gradient) to diagnostics.jsonl + diagnostics.png "
-             "(default 0 = off)")
+             "(default: 0 = off)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory written by `sds-vision finetune`")
     p.add_argument("--weights", default="final", choices=("final", "best"),
-        help="final = adapter/ (last epoch), best = checkpoints/best.pt")
+        help="final = adapter/ (last epoch), best = checkpoints/best.pt (default: %(default)s)")
     p.add_argument("--checkpoint-path", default=None,
         help="where the frozen base weights are, if not where the run recorded")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sds-vision", description=__doc__)
+    ap = argparse.ArgumentParser(prog="sds-vision", description=__doc__.split("\n")[0])
     ap.add_argument("--debug", action="store_true",
         help="show full tracebacks instead of one-line errors")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune_args(sub.add_parser("finetune", help="fine-tune a timm model on an image folder",
                                       description="Fine-tune a timm model on an image folder."))
-    ev = sub.add_parser("evaluate", help="evaluate a finished run on a split of its data")
+    ev = sub.add_parser("evaluate", help="evaluate a finished run on a split of its data",
+                        description="Evaluate a finished run on a split of its data (GPU when "
+                                    "there is one); prints JSON metrics.")
     _run_args(ev)
     ev.add_argument("--data", default=None, help="image folder (default: the run's)")
     ev.add_argument("--split", default="val", choices=("train", "val", "test"),
-        help="which split (default val)")
-    ev.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
-    ev.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+        help="which split (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=64,
+        help="evaluation batch size (default: %(default)s)")
+    ev.add_argument("--workers", type=int, default=0,
+        help="DataLoader workers (default: %(default)s)")
     ev.add_argument("--out", default=None, help="also write the metrics to this JSON file")
-    pr = sub.add_parser("predict", help="top-k predictions for images or folders -> CSV")
+    pr = sub.add_parser("predict", help="top-k predictions for images or folders -> CSV",
+                        description="Top-k class predictions for image files and folders "
+                                    "(searched recursively), as CSV.")
     _run_args(pr)
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    pr.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    pr.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    pr.add_argument("--top-k", type=int, default=5, help="classes per image (default: %(default)s)")
+    pr.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
     pr.add_argument("--out", default="-", help="CSV file (default: stdout)")
     ex = sub.add_parser("export", help="merge adapters into a plain timm checkpoint, or write "
-                                       "a peft adapter")
+                                       "a peft adapter",
+                        description="Export a finished run: a merged plain-timm checkpoint "
+                                    "(model.safetensors + config.json) or a peft LoRA adapter.")
     _run_args(ex)
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--format", default="timm", choices=("timm", "peft"),
         help="timm: merged model.safetensors + config.json; peft: adapter for "
-             "peft.PeftModel.from_pretrained")
-    va = sub.add_parser("validate", add_help=False,
-                        help="check a VTAB-1k or FGVC data root before any compute")
-    va.add_argument("args", nargs=argparse.REMAINDER,
-                    help="ROOT [--benchmark vtab|fgvc] [--tasks ...] [--no-decode]; -h for more")
-    from sds_vision.demo import add_demo_args
+             "peft.PeftModel.from_pretrained (default: %(default)s)")
+    sub.add_parser("validate", add_help=False,
+                   help="check a VTAB-1k or FGVC data root before any compute "
+                        "(`sds-vision validate -h` for its flags)")
+    from .demo import add_demo_args  # torch-free at import; see demo.py
     add_demo_args(sub.add_parser("demo", help="offline demo: pretrain a tiny ViT, compare "
-                                              "methods on synthetic tasks"))
+                                              "methods on synthetic tasks",
+                                 description="Offline demo: pretrain a tiny ViT on a synthetic "
+                                             "task, then compare methods on two others."))
     return ap
 
 
-def config_from_args(a: argparse.Namespace):
-    from sds_vision.models import METHODS
-    from sds_vision.train import TrainConfig
-    if a.method not in METHODS:
-        raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(METHODS)}")
-    targets = [t.strip() for t in a.targets.split(",") if t.strip()] if a.targets else None
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        model=a.model, method=a.method, rank=a.rank, alpha=a.alpha, targets=targets, basis=a.basis,
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, head_lr=a.head_lr,
-        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, min_lr=a.min_lr,
+        model=a.model, method=a.method, adapter=adapter_from_args(a), epochs=a.epochs,
+        batch_size=a.batch_size, accum_steps=a.accum_steps, drop_last=a.drop_last, lr=a.lr,
+        head_lr=a.head_lr, weight_decay=a.weight_decay, sched=a.sched, sched_per=a.sched_per,
+        warmup_epochs=a.warmup_epochs, warmup_lr=a.warmup_lr, min_lr=a.min_lr,
         label_smoothing=a.label_smoothing, clip_grad=a.clip_grad or None, drop_path=a.drop_path,
         img_size=a.img_size, seed=a.seed, pretrained=a.pretrained or bool(a.checkpoint_path),
         checkpoint_path=os.path.abspath(a.checkpoint_path) if a.checkpoint_path else None,
-        amp=not a.no_amp, channels_last=not a.no_channels_last, num_workers=a.workers,
-        eval_batch_size=a.eval_batch_size, eval_every=a.eval_every, out_dir=a.out, save_every_steps=a.save_every_steps,
+        precision=a.precision, channels_last=not a.no_channels_last, compile=a.compile,
+        num_workers=a.workers, threads=a.threads, eval_batch_size=a.eval_batch_size,
+        eval_every=a.eval_every, out_dir=a.out, save_every_steps=a.save_every_steps,
         resume=a.resume, overwrite=a.overwrite, log_every_steps=a.log_every,
         progress=not a.no_progress, extra_timm_kwargs=dict(a.timm_arg))
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from sds_vision.train.finetune import finetune
-    callbacks = []
-    if a.diagnostics_every > 0:
-        from sds_vision.diagnostics import GradientDiagnostics
-        callbacks.append(GradientDiagnostics(every=a.diagnostics_every))
-    final = finetune(config_from_args(a), a.data, val_ratio=a.val_ratio,
-                     skip_corrupt=a.skip_corrupt, augment=not a.no_aug, hflip=not a.no_hflip,
-                     callbacks=callbacks)
+    from .diagnostics import GradientDiagnostics
+    from .train.finetune import finetune
+    cfg = config_from_args(a)
+    callbacks = [GradientDiagnostics(every=a.diagnostics_every)] if a.diagnostics_every > 0 else []
+    final = finetune(cfg, a.data, val_ratio=a.val_ratio, skip_corrupt=a.skip_corrupt,
+                     augment=not a.no_aug, hflip=not a.no_hflip, callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}  "
               f"train_loss {final['train_loss']:.4f}  ({final['seconds']:.1f}s) -> {a.out}")
@@ -185,74 +242,75 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from sds_vision.train.finetune import evaluate_run
+    from .fileio import atomic_write_text
+    from .train.finetune import evaluate_run
     metrics = evaluate_run(a.run, data=a.data, split=a.split, weights=a.weights,
                            batch_size=a.batch_size, num_workers=a.workers,
                            checkpoint_path=a.checkpoint_path)
     text = json.dumps(metrics, indent=2)
     print(text)
     if a.out:
-        Path(a.out).write_text(text + "\n")
+        atomic_write_text(a.out, text + "\n")
     return 0
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from sds_vision.train.finetune import predict_paths
+    from .fileio import atomic_write_text
+    from .train.finetune import predict_paths
     rows, k = predict_paths(a.run, a.inputs, top_k=a.top_k, batch_size=a.batch_size,
                             weights=a.weights, checkpoint_path=a.checkpoint_path)
     header = ["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")]
-    f = sys.stdout if a.out == "-" else open(a.out, "w", newline="")
-    try:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        for path, preds in rows:
-            w.writerow([path] + [x for label, prob in preds for x in (label, f"{prob:.6f}")])
-    finally:
-        if f is not sys.stdout:
-            f.close()
+    buf = sys.stdout if a.out == "-" else io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for path, preds in rows:
+        w.writerow([path] + [x for label, prob in preds for x in (label, f"{prob:.6f}")])
     if a.out != "-":
+        atomic_write_text(a.out, buf.getvalue())
         print(f"wrote {len(rows)} predictions to {a.out}", file=sys.stderr)
     return 0
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from sds_vision.train.runs import export_timm, load_run_model
+    from .export import export_peft_adapter, export_timm
+    from .train.finetune import load_run_model
     model, cfg, classes = load_run_model(a.run, a.weights, a.checkpoint_path)
-    if a.format == "peft":
-        from sds_vision import export_peft_adapter
-        out = export_peft_adapter(model, a.out)
-    else:
-        out = export_timm(model, a.out, classes)
+    out = (export_peft_adapter(model, a.out) if a.format == "peft"
+           else export_timm(model, a.out, classes))
     print(f"exported {cfg.model} ({cfg.method}, {len(classes)} classes) as {a.format} -> {out}")
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo_from_args
+    return run_demo_from_args(a)
+
+
+COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "export": cmd_export, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    rest = argv[1:] if argv[:1] == ["--debug"] else argv
-    if rest[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
-        from sds_vision.data.validate import main as validate_main
-        return validate_main(rest[1:])
-    args = build_parser().parse_args(argv)
-    commands = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "export": cmd_export}
-    if args.command == "demo":
-        from sds_vision.demo import run_demo_from_args
-        commands["demo"] = run_demo_from_args
+    debug = argv[:1] == ["--debug"]
+    rest = argv[1:] if debug else argv
     try:
-        return commands[args.command](args)
+        if rest[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
+            from .data.validate import main as validate_main
+            return validate_main(rest[1:], prog="sds-vision validate")
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
     except BrokenPipeError:  # e.g. `sds-vision predict ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 0
     except KeyboardInterrupt:
         print("sds-vision: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
-        # TrainError, NonFiniteLossError, DataError and the core's errors land here
-        if args.debug:
+    except USER_ERRORS as e:
+        if debug:
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"sds-vision {args.command}: error: {msg}", file=sys.stderr)
+        print(f"sds-vision {rest[0] if rest else ''}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
 
 

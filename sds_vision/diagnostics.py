@@ -1,4 +1,4 @@
-"""Gradient diagnostics of LoRA / SDS-LoRA layers (METHOD.md section 4, claims 1-2).
+"""Gradient diagnostics of LoRA / SDS-LoRA layers (docs/method.md, sections 1-3).
 
 Per adapted layer (per slice for a fused qkv) and per logging step:
 
@@ -31,10 +31,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .layers import LowRankAdapter, adapter_modules
+from . import plotting
+from .methods.base import LowRankAdapter, adapter_modules
+from .train.rundir import DIAGNOSTICS_PNG
 
 __all__ = ["effective_rank", "stable_rank", "condition_number", "cosine", "full_gradient",
            "layer_diagnostics", "GradientDiagnostics", "plot_diagnostics", "summarize", "METRICS"]
@@ -260,13 +263,10 @@ class GradientDiagnostics:
         if self._is_log_step(ctx.step + 1):
             self._arm(ctx.model)
 
-    def on_epoch_end(self, ctx, metrics: dict) -> None:
-        pass
-
     def on_train_end(self, ctx) -> None:
         self._disarm()
         if self.plot and self.rows and getattr(ctx, "is_main", True):
-            plot_diagnostics(self.rows, Path(ctx.out_dir) / "diagnostics.png")
+            plot_diagnostics(self.rows, Path(ctx.out_dir) / DIAGNOSTICS_PNG)
 
 
 def summarize(rows: list[dict], metrics=METRICS) -> dict[str, float]:
@@ -281,12 +281,6 @@ def summarize(rows: list[dict], metrics=METRICS) -> dict[str, float]:
 def plot_diagnostics(rows: list[dict], path: str | Path, title: str = "") -> None:
     """PNG: layer-mean curves of effective rank, cosine, stable rank and condition number,
     and per-layer heatmaps (layer x step) of ``cos_update`` and ``erank_gB``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     steps = sorted({r["step"] for r in rows})
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     table = defaultdict(dict)
@@ -304,7 +298,7 @@ def plot_diagnostics(rows: list[dict], path: str | Path, title: str = "") -> Non
         with np.errstate(all="ignore"):  # a step where no layer has a finite value -> nan
             return np.where(ok.any(0), np.nansum(g, 0) / ok.sum(0), np.nan)
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plotting.figure(2, 3, figsize=(15, 8))
     panels = [(axes[0, 0], ("erank_gA", "erank_gB"), "effective rank of factor grads", False),
               (axes[0, 1], ("cos_update", "cos_update_exact"), "cos(-G, induced dDelta)", False),
               (axes[0, 2], ("srank_A", "srank_B", "srank_delta"), "stable rank", False),
@@ -330,7 +324,4 @@ def plot_diagnostics(rows: list[dict], path: str | Path, title: str = "") -> Non
         fig.colorbar(im, ax=ax)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.save(fig, path, dpi=100)

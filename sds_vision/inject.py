@@ -12,18 +12,21 @@ around ``qkv``; they and every family without a table are refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
 from timm.models.convnext import ConvNeXt
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from .layers import LoRALinear, LowRankAdapter, SDSLoRALinear, adapter_modules
+from .config import AdapterConfig
+from .errors import UserError
+from .methods import get_method
+from .methods.base import LowRankAdapter, adapter_modules
 
-ADAPTER_METHODS = {"lora": LoRALinear, "sds_lora": SDSLoRALinear}
 QKV_SLICES = ("q", "k", "v")
 
 
@@ -65,10 +68,10 @@ def family_targets(model: nn.Module) -> FamilyTargets:
         return FAMILY_TARGETS[cls]
     supported = ", ".join(c.__name__ for c in FAMILY_TARGETS)
     if cls.__name__ in _BYPASS_FAMILIES:
-        raise ValueError(
+        raise UserError(
             f"unsupported family {cls.__name__}: it reads qkv.weight directly, so an adapter on "
             f"qkv would be silently bypassed; supported: {supported}")
-    raise ValueError(f"unsupported model family {cls.__name__}; supported: {supported}")
+    raise UserError(f"unsupported model family {cls.__name__}; supported: {supported}")
 
 
 def parse_targets(table: FamilyTargets, targets: Sequence[str] | str | None
@@ -77,7 +80,7 @@ def parse_targets(table: FamilyTargets, targets: Sequence[str] | str | None
     names = table.default if targets is None else (
         [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets))
     if not names:
-        raise ValueError("targets: expected at least one target name")
+        raise UserError("targets: expected at least one target name")
     known = sorted(table.patterns) + (list(QKV_SLICES) if "qkv" in table.patterns else [])
     plan: dict[str, tuple[str, ...] | None] = {}
     slices: list[str] = []
@@ -87,46 +90,48 @@ def parse_targets(table: FamilyTargets, targets: Sequence[str] | str | None
             sl = sl or base
             base = base if sl != base else "qkv"
             if base != "qkv" or sl not in QKV_SLICES:
-                raise ValueError(f"targets: slice {name!r} is not valid; q/k/v slices apply only "
+                raise UserError(f"targets: slice {name!r} is not valid; q/k/v slices apply only "
                                  f"to the fused qkv projection ('q' or 'qkv.q')")
             if base not in table.patterns:
-                raise ValueError(f"targets: {name!r} needs a fused qkv, which {table.family} "
+                raise UserError(f"targets: {name!r} needs a fused qkv, which {table.family} "
                                  f"does not have; available: {known}")
             slices.append(sl)
         elif base not in table.patterns:
-            raise ValueError(f"targets: unknown target {name!r} for {table.family}; "
+            raise UserError(f"targets: unknown target {name!r} for {table.family}; "
                              f"available: {known}")
         else:
             plan[base] = None
     if slices:
         if "qkv" in plan:
-            raise ValueError("targets: give either 'qkv' or its slices q/k/v, not both")
+            raise UserError("targets: give either 'qkv' or its slices q/k/v, not both")
         plan["qkv"] = tuple(s for s in QKV_SLICES if s in slices)
     return plan
 
 
-def inject_adapters(model: nn.Module, method: str, rank: int, alpha: float | None = None,
-                    targets: Sequence[str] | str | None = None, *, dropout: float = 0.0,
-                    rslora: bool = False, basis: str = "polar") -> list[str]:
-    """Replace the target projections of ``model`` by adapter layers, in place.
+def inject_adapters(model: nn.Module, method: str, adapter: AdapterConfig | None = None,
+                    **adapter_kwargs) -> list[str]:
+    """Replace the target projections of ``model`` by the method's adapter layers, in place.
 
     Args:
         model: a timm ``VisionTransformer``, ``SwinTransformer`` (v1) or ``ConvNeXt``.
-        method: ``"sds_lora"`` or ``"lora"``.
-        rank, alpha, dropout, rslora: see ``layers.LowRankAdapter``.
-        targets: names from the family table (``qkv``, ``q``, ``k``, ``v``, ``proj``,
-            ``fc1``, ``fc2``); default: every projection the family has, in every block.
-        basis: SDS-LoRA basis, ``"polar"`` or ``"qr"``.
+        method: a low-rank method of the registry (``sds_vision.methods.METHODS``).
+        adapter: the adapter settings; keyword arguments (``rank=8, targets=["q", "v"]``,
+            any ``AdapterConfig`` field) override its fields. ``targets`` names come from the
+            family table (``qkv``, ``q``, ``k``, ``v``, ``proj``, ``fc1``, ``fc2``); default:
+            every projection the family has, in every block.
 
     Returns:
         Names of the replaced modules, in model order.
     """
-    if method not in ADAPTER_METHODS:
-        raise ValueError(f"method must be one of {sorted(ADAPTER_METHODS)}, got {method!r}")
+    spec = get_method(method)
+    if not spec.low_rank:
+        raise UserError(f"method {method!r} has no adapters to inject")
+    cfg = dataclasses.replace(adapter or AdapterConfig(), **adapter_kwargs)
+    layer_cls = spec.layer_class()
     table = family_targets(model)
-    plan = parse_targets(table, targets)
+    plan = parse_targets(table, cfg.targets)
     if any(True for _ in adapter_modules(model)):
-        raise ValueError("model already has adapters; inject into a fresh model")
+        raise UserError("model already has adapters; inject into a fresh model")
     patterns = {t: re.compile(table.patterns[t]) for t in plan}
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
@@ -134,30 +139,27 @@ def inject_adapters(model: nn.Module, method: str, rank: int, alpha: float | Non
         if target is None:
             continue
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{name} is a {type(module).__name__}, not nn.Linear "
-                             f"(e.g. ConvNeXt with conv_mlp=True); this variant is not supported")
+            raise UserError(f"{name} is a {type(module).__name__}, not nn.Linear "
+                            f"(e.g. ConvNeXt with conv_mlp=True); this variant is not supported")
         slices = None
         if plan[target]:
             third = module.out_features // 3
             slices = [(QKV_SLICES.index(s) * third, (QKV_SLICES.index(s) + 1) * third)
                       for s in plan[target]]
-        kwargs = dict(dropout=dropout, rslora=rslora, slices=slices)
-        if method == "sds_lora":
-            kwargs["basis"] = basis
         try:
-            adapter = ADAPTER_METHODS[method](module, rank, alpha, **kwargs)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        model.set_submodule(name, adapter)
+            layer = layer_cls.from_config(module, cfg, slices)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
+        model.set_submodule(name, layer)
         replaced.append(name)
     missing = [t for t, p in patterns.items() if not any(p.fullmatch(n) for n in replaced)]
     if missing:
-        raise ValueError(f"targets {missing} matched no module in {type(model).__name__}")
+        raise UserError(f"targets {missing} matched no module in {type(model).__name__}")
     return replaced
 
 
 def merge_adapters(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every adapter into its base weight (``W0 + s B A``, float32) -> plain ``nn.Linear``.
+    """Fold every adapter into its base weight (``merged_weight()``, float32) -> ``nn.Linear``.
 
     Returns a stock timm model with zero adapter overhead. With ``inplace=False`` (default)
     the adapted model is left untouched and a merged copy is returned.
@@ -174,7 +176,7 @@ def _merged_linear(mod: LowRankAdapter) -> nn.Linear:
     w = mod.weight
     lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                     device=w.device, dtype=w.dtype)
-    lin.weight.data.copy_((w.detach().float() + mod.delta_weight().detach()).to(w.dtype))
+    lin.weight.data.copy_(mod.merged_weight().to(w.dtype))
     if mod.bias is not None:
         lin.bias.data.copy_(mod.bias.detach())
     lin.weight.requires_grad_(w.requires_grad)

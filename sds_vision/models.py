@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -9,14 +10,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
+from .config import AdapterConfig
+from .errors import UserError
 from .inject import family_targets, inject_adapters, parse_targets
-from .layers import adapter_modules
+from .methods import get_method
+from .methods.base import adapter_modules, adapter_parameters
 
-METHODS = ("sds_lora", "lora", "full", "linear")
-
-# Short names -> the ImageNet-21k checkpoints the VTAB/FGVC literature uses (BENCHMARKS.md).
+# Short names -> the ImageNet-21k checkpoints the VTAB/FGVC literature uses (docs/benchmarks.md).
 MODEL_ALIASES: dict[str, str] = {
     "vit_tiny": "vit_tiny_patch16_224.augreg_in21k",
     "vit_small": "vit_small_patch16_224.augreg_in21k",
@@ -31,75 +34,79 @@ MODEL_ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class SDSConfig:
-    """What was built; saved next to adapter files and used to rebuild the model."""
+    """What was built; saved next to adapter files and used to rebuild the model.
+
+    ``adapter`` is None for methods without adapters (``full``, ``linear``)."""
 
     model_name: str
     method: str
     num_classes: int
-    rank: int | None = None
-    alpha: float | None = None
-    targets: tuple[str, ...] | None = None
-    basis: str | None = None
-    dropout: float = 0.0
-    rslora: bool = False
+    adapter: AdapterConfig | None = None
     modules: tuple[str, ...] = ()
     timm_kwargs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["adapter"] = self.adapter.to_dict() if self.adapter is not None else None
+        d["modules"] = list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SDSConfig":
+        """Parse a saved config; files of version 0.1 kept the adapter fields at top level."""
+        adapter = d.get("adapter")
+        if adapter is None and d.get("rank") is not None:
+            adapter = {k: d[k] for k in ("rank", "alpha", "targets", "dropout", "rslora", "basis")
+                       if k in d}
+        return cls(model_name=d["model_name"], method=d["method"], num_classes=d["num_classes"],
+                   adapter=AdapterConfig.from_dict(adapter) if adapter is not None else None,
+                   modules=tuple(d.get("modules", ())), timm_kwargs=dict(d.get("timm_kwargs", {})))
 
 
 def resolve_model_name(name: str) -> str:
-    """Alias or timm name (with or without a pretrained tag) -> timm name; clear error if unknown."""
+    """Alias or timm name (with or without a pretrained tag) -> timm name; one-line error if
+    unknown."""
     resolved = MODEL_ALIASES.get(name, name)
     if not timm.is_model(resolved.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}: not an alias ({', '.join(MODEL_ALIASES)}) "
+        raise UserError(f"unknown model {name!r}: not an alias ({', '.join(MODEL_ALIASES)}) "
                          f"nor a timm model name")
     return resolved
 
 
-def create_sds_model(name: str, *, num_classes: int, method: str = "sds_lora", rank: int = 8,
-                     alpha: float | None = None, targets=None, basis: str = "polar",
-                     dropout: float = 0.0, rslora: bool = False, pretrained: bool = False,
-                     checkpoint_path: str | os.PathLike | None = None,
-                     **timm_kwargs) -> nn.Module:
+def create_sds_model(name: str, *, num_classes: int, method: str = "sds_lora",
+                     adapter: AdapterConfig | None = None, pretrained: bool = False,
+                     checkpoint_path: str | os.PathLike | None = None, **kwargs) -> nn.Module:
     """Create a timm model adapted for ``method``, with only the right parameters trainable.
 
     Args:
         name: alias (``vit_base``, ``swin_tiny``, ...; see ``MODEL_ALIASES``) or timm name.
         num_classes: classes of the new head (0 = no head).
-        method: ``sds_lora`` / ``lora`` (adapters + head train), ``full`` (everything),
-            ``linear`` (head only).
-        rank, alpha, targets, basis, dropout, rslora: adapter settings, see
-            ``inject.inject_adapters``; ignored for ``full`` and ``linear``.
+        method: any entry of ``sds_vision.methods.METHODS``: a low-rank method (adapters +
+            head train), ``full`` (everything) or ``linear`` (head only).
+        adapter: adapter settings (``AdapterConfig``); ignored by ``full`` and ``linear``.
         pretrained: load pretrained weights, from ``checkpoint_path`` if given (.safetensors,
             .pth or Google .npz), else from an existing Hugging Face cache. Never downloads
             when ``HF_HUB_OFFLINE=1`` or the hub is unreachable: fails with a clear message.
         checkpoint_path: local weights file; implies ``pretrained=True``.
-        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...).
+        **kwargs: ``AdapterConfig`` fields (``rank=8``, ``targets=["q", "v"]``, ...) override
+            ``adapter``; the rest go to ``timm.create_model`` (``img_size``, ``drop_path_rate``).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    spec = get_method(method)
     timm_name = resolve_model_name(name)
-    adapted = method in ("sds_lora", "lora")
-    if adapted and not (isinstance(rank, int) and rank >= 1):
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    adapter_kwargs, timm_kwargs = AdapterConfig.split_kwargs(kwargs)
+    cfg = dataclasses.replace(adapter or AdapterConfig(), **adapter_kwargs) if spec.low_rank \
+        else None
     model = _create_timm(timm_name, num_classes, pretrained or checkpoint_path is not None,
                          checkpoint_path, timm_kwargs)
     modules: list[str] = []
-    if adapted:
-        modules = inject_adapters(model, method, rank, alpha, targets, dropout=dropout,
-                                  rslora=rslora, basis=basis)
-        plan = parse_targets(family_targets(model), targets)
-        targets = tuple(n for key, sl in plan.items() for n in (sl or (key,)))
+    if cfg is not None:
+        modules = inject_adapters(model, method, cfg)
+        plan = parse_targets(family_targets(model), cfg.targets)
+        cfg = dataclasses.replace(cfg, targets=tuple(n for key, sl in plan.items()
+                                                     for n in (sl or (key,))))
     set_trainable(model, method)
-    model.sds_config = SDSConfig(
-        model_name=timm_name, method=method, num_classes=num_classes,
-        rank=rank if adapted else None,
-        alpha=next(adapter_modules(model))[1].alpha if adapted else None,
-        targets=targets if adapted else None, basis=basis if method == "sds_lora" else None,
-        dropout=dropout if adapted else 0.0, rslora=rslora if adapted else False,
-        modules=tuple(modules), timm_kwargs=dict(timm_kwargs))
+    model.sds_config = SDSConfig(model_name=timm_name, method=method, num_classes=num_classes,
+                                 adapter=cfg, modules=tuple(modules), timm_kwargs=timm_kwargs)
     return model
 
 
@@ -110,20 +117,22 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_trainable(model: nn.Module, method: str) -> None:
-    """requires_grad: everything (full), head (linear), or adapters + head (LoRA family)."""
+    """requires_grad: everything (full), head (linear), or adapters + head (low-rank)."""
+    trains = get_method(method).trains
     for p in model.parameters():
-        p.requires_grad_(method == "full")
+        p.requires_grad_(trains == "all")
     for p in head_parameters(model):
         p.requires_grad_(True)
     for _, mod in adapter_modules(model):
-        mod.lora_A.requires_grad_(True)
-        mod.lora_B.requires_grad_(True)
+        for _, p in adapter_parameters(mod):
+            p.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: ``total``, ``trainable``, ``adapter`` (lora_A/B), ``head``."""
+    """Parameter counts: ``total``, ``trainable``, ``adapter`` (every adapter parameter),
+    ``head``."""
     params = list(model.parameters())
-    adapter = sum(m.lora_A.numel() + m.lora_B.numel() for _, m in adapter_modules(model))
+    adapter = sum(p.numel() for _, m in adapter_modules(model) for _, p in adapter_parameters(m))
     return {"total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "adapter": adapter, "head": sum(p.numel() for p in head_parameters(model))}
@@ -131,20 +140,32 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def _create_timm(timm_name: str, num_classes: int, pretrained: bool,
                  checkpoint_path, timm_kwargs: dict) -> nn.Module:
+    try:
+        return _create_timm_unchecked(timm_name, num_classes, pretrained, checkpoint_path,
+                                      timm_kwargs)
+    except TypeError as e:  # a model argument the architecture does not take (a user typo)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"{timm_name}: {e} (check --timm-arg / --img-size / model arguments)") \
+            from None
+
+
+def _create_timm_unchecked(timm_name: str, num_classes: int, pretrained: bool,
+                           checkpoint_path, timm_kwargs: dict) -> nn.Module:
     kwargs = dict(num_classes=num_classes, **timm_kwargs)
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist")
+            raise UserError(f"checkpoint_path {str(path)!r} does not exist")
         overlay = dict(file=str(path))
         if path.suffix == ".npz":  # Google's original ViT checkpoints (VTAB's ViT-B_16.npz)
             overlay["custom_load"] = True
         return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay,
                                  **kwargs)
     if not _hub_weights_available(timm_name):
-        raise RuntimeError(
+        raise UserError(
             f"no pretrained weights for {timm_name!r}: not in the Hugging Face cache "
             f"({_hf_cache_dir()}) and the hub is unreachable or HF_HUB_OFFLINE=1. Give a local "
             f"file with checkpoint_path=... (--checkpoint-path), or download it once on a "
@@ -153,18 +174,16 @@ def _create_timm(timm_name: str, num_classes: int, pretrained: bool,
     try:
         return timm.create_model(timm_name, pretrained=True, **kwargs)
     except OSError as e:  # LocalEntryNotFoundError and network errors
-        raise RuntimeError(f"could not load pretrained weights for {timm_name!r}: {e}. "
+        raise UserError(f"could not load pretrained weights for {timm_name!r}: {e}. "
                            f"Give a local file with checkpoint_path=...") from None
 
 
 def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
     return constants.HF_HUB_CACHE
 
 
 def _hub_weights_available(timm_name: str) -> bool:
     """True when the weights are in the HF cache, or the hub answers within 3 s."""
-    from huggingface_hub import constants, try_to_load_from_cache
     cfg = timm.models.get_pretrained_cfg(timm_name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not repo:

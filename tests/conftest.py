@@ -4,8 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network from tests
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny configurations of each supported family (random init, CPU-fast).
 TINY = {

@@ -5,12 +5,19 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY, randomize_adapters
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from conftest import TINY, randomize_adapters
-from sds_vision import (create_sds_model, export_peft_adapter, load_adapter, load_sds_model,
-                        merge_adapters, save_adapter)
+from sds_vision import (
+    UserError,
+    create_sds_model,
+    export_peft_adapter,
+    load_adapter,
+    load_sds_model,
+    merge_adapters,
+    save_adapter,
+)
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -96,7 +103,7 @@ def test_refuses_other_model_rank_or_shape(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match="keys do not match"):
         load_adapter(_model(), tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="sds_config.json: not found"):
+    with pytest.raises(UserError, match="sds_config.json: not found"):
         load_adapter(_model(), tmp_path / "missing")
 
 
@@ -117,5 +124,5 @@ def test_peft_export_round_trip(tmp_path, targets):
 
 
 def test_peft_export_needs_adapters(tmp_path):
-    with pytest.raises(ValueError, match="needs a lora/sds_lora model"):
+    with pytest.raises(ValueError, match="needs a low-rank method"):
         export_peft_adapter(_model("linear"), tmp_path)

@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vtab import run, run_fgvc  # noqa: E402
-from benchmarks.vtab.protocol import hparams  # noqa: E402
-from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab  # noqa: E402
+from benchmarks.vtab import run, run_fgvc
+from benchmarks.vtab.protocol import hparams
+from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab
 
 COMMON = ["--seeds", "0", "--model", "test_vit", "--epochs", "1", "--img-size", "32",
           "--batch-size", "8", "--no-pretrained", "--num-workers", "0"]

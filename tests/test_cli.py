@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sds_vision.cli import build_parser, main
-from sds_vision.data import generate_shapes_dataset
+from sds_vision.data import generate_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--rank", "4", "--batch-size", "8",
@@ -25,8 +25,8 @@ TINY = ["--model", "test_vit", "--img-size", "32", "--rank", "4", "--batch-size"
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    generate_shapes_dataset(root, "shapes", 8, 32, 0, "train")  # 32 train images: 4 steps
-    generate_shapes_dataset(root, "shapes", 4, 32, 0, "val")
+    generate_task(root, "shapes", 8, 32, 0, "train")  # 32 train images: 4 steps
+    generate_task(root, "shapes", 4, 32, 0, "val")
     return root / "shapes"
 
 
@@ -82,7 +82,7 @@ def test_finetune_evaluate_predict_export(shapes, tmp_path, capsys):
 
     import timm
 
-    from sds_vision.train.runs import load_run_model
+    from sds_vision.train.finetune import load_run_model
     rc, _, _ = run_cli(["export", "--run", run, "--out", tmp_path / "exp"], capsys)
     assert rc == 0
     meta = json.loads((tmp_path / "exp" / "config.json").read_text())
@@ -187,7 +187,7 @@ def test_bad_data_is_one_line_error(tmp_path, capsys, kind, message):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--model", "no_such_model", "unknown model"), ("--method", "dora", "unknown method")])
+    ("--model", "no_such_model", "unknown model"), ("--method", "nope", "unknown method")])
 def test_unknown_model_or_method(shapes, tmp_path, capsys, flag, value, message):
     args = ["finetune", "--data", shapes, "--epochs", "1", "--out", tmp_path / "o", *TINY,
             flag, value]
@@ -213,7 +213,7 @@ def test_finetune_with_gradient_diagnostics(shapes, tmp_path, capsys):
     # one row per adapted layer (2 slices on qkv + fc1) per logged step: steps 1 and 2 of 4
     assert {r["step"] for r in rows} == {1, 2, 4}
     assert len(first) == 6 * 3
-    # B = 0 at init: SDS-LoRA's first dA is exactly zero, dB is not (METHOD.md section 2)
+    # B = 0 at init: SDS-LoRA's first dA is exactly zero, dB is not (docs/method.md, section 2.6)
     assert all(r["erank_gA"] == 0.0 and r["erank_gB"] > 1.0 for r in first)
 
 

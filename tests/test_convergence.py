@@ -41,7 +41,7 @@ def test_quick_run_structure_and_sds_beats_lora_with_sgd(tmp_path):
     assert len(raw["regression"]["runs"]) == sum(
         len(g) for g in settings["reg_lrs"].values()) * len(settings["kappas"]) * 3
 
-    # the real property (METHOD.md section 1/4): with plain SGD on an ill-conditioned target,
+    # the real property (docs/method.md, section 1): with plain SGD on an ill-conditioned target,
     # SDS-LoRA at its best lr ends far below LoRA at its best lr.
     def final(b):
         return float(b["final_rel_loss"])

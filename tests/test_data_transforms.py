@@ -9,8 +9,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sds_vision.data import (DataError, ImageFolderSplits, TransformedDataset, build_transform,
-                             load_image_rgb)
+from sds_vision.data import (
+    DataError,
+    ImageFolderSplits,
+    TransformedDataset,
+    build_transform,
+    load_image_rgb,
+)
 
 # What timm.data.resolve_model_data_config returns for a ViT, at 32 px.
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from sds_vision.diagnostics import (GradientDiagnostics, condition_number, cosine, effective_rank,
-                                    layer_diagnostics, stable_rank)
+from sds_vision.diagnostics import (
+    GradientDiagnostics,
+    condition_number,
+    cosine,
+    effective_rank,
+    layer_diagnostics,
+    stable_rank,
+)
 from sds_vision.layers import LoRALinear, SDSLoRALinear
 
 
@@ -93,7 +99,7 @@ def test_layer_diagnostics_against_dense_reference(slices):
 
 
 def test_sds_factor_gradient_effective_rank_exceeds_lora_on_ill_conditioned_factor():
-    """METHOD.md section 1: LoRA's dB = s G A^T carries A's singular values; SDS's does not."""
+    """docs/method.md section 1: LoRA's dB = s G A^T carries A's singular values; SDS's does not."""
     d_in, d_out, r = 40, 32, 6
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
@@ -189,8 +195,9 @@ def test_callback_through_engine_fit(tmp_path):
 
     torch.manual_seed(0)
     ds = DS(torch.randn(16, 3, 16, 16), torch.randint(0, 2, (16,)))
-    cfg = train.TrainConfig(model="test_vit", method="sds_lora", rank=2, epochs=1, batch_size=4,
-                            img_size=16, num_workers=0, targets=["q", "v", "fc2"], out_dir=str(tmp_path / "run"),
+    cfg = train.TrainConfig(model="test_vit", method="sds_lora", epochs=1, batch_size=4,
+                            adapter={"rank": 2, "targets": ["q", "v", "fc2"]},
+                            img_size=16, num_workers=0, out_dir=str(tmp_path / "run"),
                             progress=False, warmup_epochs=0,
                             extra_timm_kwargs=dict(depth=1, patch_size=8))
     cb = GradientDiagnostics(every=2)

@@ -8,11 +8,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab  # noqa: E402
-from sds_vision.data.fgvc import (FGVC_DATASETS, load_fgvc, read_fgvc_json,  # noqa: E402
-                                  resolve_fgvc, resolve_fgvc_list)
-from sds_vision.data.validate import validate_fgvc  # noqa: E402
-from sds_vision.data.vtab import BenchmarkDataError  # noqa: E402
+from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab
+from sds_vision.data.fgvc import (
+    FGVC_DATASETS,
+    load_fgvc,
+    read_fgvc_json,
+    resolve_fgvc,
+    resolve_fgvc_list,
+)
+from sds_vision.data.validate import validate_fgvc
+from sds_vision.data.vtab import BenchmarkDataError
 
 
 @pytest.fixture

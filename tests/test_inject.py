@@ -6,10 +6,10 @@ import re
 import pytest
 import timm
 import torch
+from conftest import TINY, randomize_adapters, unit_layer_scale
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import TINY, randomize_adapters, unit_layer_scale
 from sds_vision import LoRALinear, SDSLoRALinear, adapter_modules, inject_adapters, merge_adapters
 
 EXPECTED = {  # every projection of every block, from the model's own structure
@@ -141,9 +141,9 @@ def test_refused_families(name, kwargs, match):
     ("vit", dict(targets=[]), "at least one target"),
     ("convnext", dict(targets=["q"]), "needs a fused qkv, which convnext does not have"),
     ("convnext", dict(targets=["qkv"]), "unknown target 'qkv' for convnext"),
-    ("vit", dict(rank=0), r"blocks.0.attn.qkv: rank must be an int in \[1, 64\]"),
+    ("vit", dict(rank=0), "rank must be a positive integer, got 0"),
     ("vit", dict(rank=65), r"rank must be an int in \[1, 64\]"),
-    ("vit", dict(method="dora"), "method must be one of"),
+    ("vit", dict(method="nope"), "unknown method 'nope'; choose one of"),
 ])
 def test_bad_targets_and_arguments(family, kwargs, match):
     model = _tiny(family)

@@ -1,4 +1,4 @@
-"""METHOD.md section 3 invariants of LoRALinear / SDSLoRALinear against dense reference math."""
+"""docs/method.md section 2.8 invariants of LoRALinear / SDSLoRALinear against dense reference math."""
 
 import pytest
 import torch

@@ -6,11 +6,17 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import timm
 import torch
+from conftest import TINY
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from conftest import TINY
-from sds_vision import (MODEL_ALIASES, count_parameters, create_sds_model, resolve_model_name)
+from sds_vision import (
+    MODEL_ALIASES,
+    UserError,
+    count_parameters,
+    create_sds_model,
+    resolve_model_name,
+)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin", "convnext"])
@@ -41,11 +47,11 @@ def test_adapter_count_formula_test_vit():
     model = create_sds_model("test_vit", num_classes=3, method="sds_lora", rank=4, img_size=32)
     # 6 blocks x r x [(64+192) qkv + (64+64) proj + (64+192) fc1 + (192+64) fc2]
     assert count_parameters(model)["adapter"] == 6 * 4 * (256 + 128 + 256 + 256) == 21_504
-    assert model.sds_config.targets == ("qkv", "proj", "fc1", "fc2")
+    assert model.sds_config.adapter.targets == ("qkv", "proj", "fc1", "fc2")
     qv = create_sds_model("test_vit", num_classes=3, method="lora", rank=4, targets=["v", "q"],
                           img_size=32)
     assert count_parameters(qv)["adapter"] == 6 * 2 * 4 * (64 + 64)
-    assert qv.sds_config.targets == ("q", "v")
+    assert qv.sds_config.adapter.targets == ("q", "v")
 
 
 def test_aliases_map_to_in21k_tags():
@@ -64,7 +70,7 @@ def test_aliases_map_to_in21k_tags():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="vit_huge_nonsense"), "unknown model 'vit_huge_nonsense'"),
     (dict(name="vit_gigantic"), "nor a timm model name"),
-    (dict(method="adapter"), "method must be one of"),
+    (dict(method="adapter"), "unknown method 'adapter'; choose one of"),
     (dict(rank=0), "rank must be a positive int"),
     (dict(rank=-3, method="lora"), "rank must be a positive int"),
     (dict(rank=1000), "rank must be an int in"),
@@ -80,14 +86,14 @@ def test_pretrained_offline_without_weights_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"no pretrained weights for 'vit_base_patch16_224"
+    with pytest.raises(UserError, match=r"no pretrained weights for 'vit_base_patch16_224"
                                            r"\.orig_in21k'.*checkpoint_path"):
         create_sds_model("vit_base", num_classes=10, pretrained=True)
     assert time.perf_counter() - start < 5
 
 
 def test_checkpoint_path_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(UserError, match="nope.safetensors"):
         create_sds_model("test_vit", num_classes=3, checkpoint_path=tmp_path / "nope.safetensors")
 
 

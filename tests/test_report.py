@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vtab.report import main, summarise, write_report  # noqa: E402
-from benchmarks.vtab.rundir import load_results, run_dir  # noqa: E402
-from sds_vision.data.vtab import VTAB_TASKS  # noqa: E402
+from benchmarks.vtab.report import main, summarise, write_report
+from benchmarks.vtab.rundir import load_results, run_dir
+from sds_vision.data.vtab import VTAB_TASKS
 
 
 def _run(root, task, method, seed, top1, best=None, mode="final", trainable=1_000, head=100,

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sds_vision.data import (TASKS, DataError, ImageFolderSplits, generate_shapes_dataset,
-                             load_image_rgb, make_demo_data)
+from sds_vision.data import (
+    TASKS,
+    DataError,
+    ImageFolderSplits,
+    generate_task,
+    load_image_rgb,
+    make_demo_data,
+)
 from sds_vision.data.synthetic import SOURCE_TASK, TARGET_TASKS
 
 
@@ -47,37 +53,37 @@ def test_make_demo_data_identical_bytes_and_balanced(tmp_path):
 
 
 def test_images_differ_within_and_across_classes(tmp_path):
-    root = generate_shapes_dataset(tmp_path, "orientation", n_per_class=4, img_size=32)
+    root = generate_task(tmp_path, "orientation", n_per_class=4, img_size=32)
     imgs = [load_image_rgb(root / cls / f"{i}.png") for cls in TASKS["orientation"]
             for i in range(4)]
     assert len({im.tobytes() for im in imgs}) == len(imgs)
 
 
 def test_cache_and_regeneration(tmp_path):
-    out = generate_shapes_dataset(tmp_path, "texture", n_per_class=2, img_size=16, seed=0)
+    out = generate_task(tmp_path, "texture", n_per_class=2, img_size=16, seed=0)
     assert out == tmp_path / "texture" / "train" and (out / ".complete").is_file()
     first = out / "dots" / "0.png"
     stamp = first.stat().st_mtime_ns
-    generate_shapes_dataset(tmp_path, "texture", n_per_class=2, img_size=16, seed=0)
+    generate_task(tmp_path, "texture", n_per_class=2, img_size=16, seed=0)
     assert first.stat().st_mtime_ns == stamp  # cached: not rewritten
 
     # Per-image seeding: growing the set keeps existing files byte-identical.
     old = first.read_bytes()
-    generate_shapes_dataset(tmp_path, "texture", n_per_class=3, img_size=16, seed=0)
+    generate_task(tmp_path, "texture", n_per_class=3, img_size=16, seed=0)
     assert sorted(p.name for p in (out / "dots").iterdir()) == ["0.png", "1.png", "2.png"]
     assert first.read_bytes() == old
 
     # A half-written split (marker missing) is regenerated, not trusted.
     (out / ".complete").unlink()
     (out / "dots" / "0.png").write_bytes(b"partial")
-    generate_shapes_dataset(tmp_path, "texture", n_per_class=3, img_size=16, seed=0)
+    generate_task(tmp_path, "texture", n_per_class=3, img_size=16, seed=0)
     assert first.read_bytes() == old
 
 
 def test_argument_errors(tmp_path):
     with pytest.raises(DataError, match=r"^task='nope': unknown"):
-        generate_shapes_dataset(tmp_path, "nope", 2)
+        generate_task(tmp_path, "nope", 2)
     with pytest.raises(DataError, match=r"^split='test'"):
-        generate_shapes_dataset(tmp_path, "shapes", 2, split="test")
+        generate_task(tmp_path, "shapes", 2, split="test")
     with pytest.raises(DataError, match=r"^n_per_class=0"):
-        generate_shapes_dataset(tmp_path, "shapes", 0)
+        generate_task(tmp_path, "shapes", 0)

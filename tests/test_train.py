@@ -8,8 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sds_vision import create_sds_model, load_adapter
-from sds_vision.train import (Callback, NonFiniteLossError, TrainConfig, TrainError, build_model,
-                              fit)
+from sds_vision.train import Callback, NonFiniteLossError, TrainConfig, TrainError, build_model, fit
 from sds_vision.train.engine import param_groups
 from sds_vision.train.loader import EpochSampler, SeededDataset
 from sds_vision.train.metrics import evaluate
@@ -37,8 +36,8 @@ TRAIN, VAL = Blobs(48, 0), Blobs(15, 1)
 
 
 def cfg_for(tmp_path, name="run", **kw):
-    base = dict(model="test_vit", method="lora", rank=4, epochs=2, batch_size=16, lr=3e-3,
-                img_size=32, num_workers=0, warmup_epochs=1, out_dir=str(tmp_path / name),
+    base = dict(model="test_vit", method="lora", adapter={"rank": 4}, epochs=2, batch_size=16,
+                lr=3e-3, img_size=32, num_workers=0, warmup_epochs=1, out_dir=str(tmp_path / name),
                 log_every_steps=1, progress=False)
     return TrainConfig(**{**base, **kw})
 
@@ -279,8 +278,8 @@ def test_eval_every_zero_evaluates_only_the_last_epoch(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 3, (24,))
     ds = torch.utils.data.TensorDataset(x, y)
-    common = dict(model="test_vit", method="lora", rank=2, epochs=3, batch_size=8, lr=1e-3,
-                  img_size=32, warmup_epochs=0, progress=False)
+    common = dict(model="test_vit", method="lora", adapter={"rank": 2}, epochs=3, batch_size=8,
+                  lr=1e-3, img_size=32, warmup_epochs=0, progress=False)
     every = fit(TrainConfig(**common, out_dir=str(tmp_path / "every")), ds, ds, 3)
     last = fit(TrainConfig(**common, eval_every=0, out_dir=str(tmp_path / "last")), ds, ds, 3)
     assert last["val_top1"] == every["val_top1"] and last["val_loss"] == every["val_loss"]

@@ -33,8 +33,8 @@ fit(cfg, Blobs(48, 0), Blobs(15, 1), 3, callbacks=[SaveRankState()])
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
     from test_train import VAL
-    cfg = dict(model="test_vit", method="lora", rank=4, epochs=2, batch_size=8, lr=3e-3,
-               img_size=32, num_workers=0, out_dir=str(tmp_path / "run"), log_every_steps=1,
+    cfg = dict(model="test_vit", method="lora", adapter={"rank": 4}, epochs=2, batch_size=8,
+               lr=3e-3, img_size=32, num_workers=0, out_dir=str(tmp_path / "run"), log_every_steps=1,
                progress=False)
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path), cfg=cfg))

@@ -9,13 +9,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab  # noqa: E402
-from sds_vision.data.cache import (CachedDataset, DeviceNormalizer, Prep, cached_split,  # noqa: E402
-                                   decode_split, iterate_batches)
-from sds_vision.data.validate import SplitSizes, validate_vtab  # noqa: E402
-from sds_vision.data.vtab import (VTAB_GROUPS, VTAB_TASKS, BenchmarkDataError,  # noqa: E402
-                                  load_vtab_split, read_split_file, resolve_task,
-                                  resolve_tasks)
+from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab
+from sds_vision.data.cache import (
+    CachedDataset,
+    DeviceNormalizer,
+    Prep,
+    cached_split,
+    decode_split,
+)
+from sds_vision.data.validate import SplitSizes, validate_vtab
+from sds_vision.data.vtab import (
+    VTAB_GROUPS,
+    VTAB_TASKS,
+    BenchmarkDataError,
+    load_vtab_split,
+    read_split_lines,
+    resolve_task,
+    resolve_tasks,
+)
 
 TINY = SplitSizes(train800=8, val200=2, train800val200=10, test=6)
 
@@ -74,13 +85,13 @@ def test_bad_lines(tmp_path):
     f = r / "dtd" / "val200.txt"
     f.write_text("images/val200/000000.jpg 0\n\nimages/val200/000001.png 1 extra\n")
     with pytest.raises(BenchmarkDataError, match=r"val200.txt:3: expected '<image path> <label>'"):
-        read_split_file(f)
+        read_split_lines(f)
     f.write_text("images/val200/000000.jpg\t0\nimages/val200/000001.png x\n")
     with pytest.raises(BenchmarkDataError, match=r"val200.txt:2: label 'x' is not an integer"):
         load_vtab_split(r, "dtd", "val200")
     f.write_text("images/val200/000000.jpg -1\n")
     with pytest.raises(BenchmarkDataError, match=r"val200.txt:1: negative label"):
-        read_split_file(f)
+        read_split_lines(f)
 
 
 def test_label_out_of_range(tmp_path):
@@ -143,10 +154,9 @@ def test_cache_matches_pil_pipeline(root, tmp_path):
     expect = (ref.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(x, expect)
     assert y == samples[1][1]
-    batches = list(iterate_batches(split, 4, norm, shuffle=True,
-                                   generator=torch.Generator().manual_seed(0)))
-    assert [b[0].shape[0] for b in batches] == [4, 2]
-    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(split.labels.tolist())
+    xb, yb = CachedDataset(split, norm).gather(torch.tensor([1, 3]))  # the engine's batch path
+    torch.testing.assert_close(xb[0], expect)
+    assert yb.tolist() == [samples[1][1], samples[3][1]]
     # device-side resize path (not bit-identical to PIL, but close)
     small = decode_split(samples, Prep(16))
     up = DeviceNormalizer(mean, std, size=24)(small.images[:2])
@@ -177,10 +187,10 @@ def test_cache_on_gpu(root):
     assert fits_on_device(split, "cuda")
     gpu = split.to("cuda")
     norm = DeviceNormalizer((0.5,) * 3, (0.5,) * 3, dtype=torch.bfloat16)
-    xs = [x for x, _ in iterate_batches(gpu, 4, norm)]
-    assert xs[0].device.type == "cuda" and xs[0].dtype == torch.bfloat16
+    x, _ = CachedDataset(gpu, norm).gather(torch.arange(4))
+    assert x.device.type == "cuda" and x.dtype == torch.bfloat16
     cpu = DeviceNormalizer((0.5,) * 3, (0.5,) * 3)(split.images[:4])
-    torch.testing.assert_close(xs[0].float().cpu(), cpu, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(x.float().cpu(), cpu, atol=1e-2, rtol=1e-2)
 
 
 def test_validate_cli_and_dsprites_scale(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Convergence benchmark: LoRA vs SDS-LoRA (METHOD.md section 4), every figure from one run.
+"""Convergence benchmark: every method (docs/method.md), every figure from one run.
 
     python benchmarks/convergence/run.py --out runs/convergence          # ~10 min, 2 CPU cores
     python benchmarks/convergence/run.py --out /tmp/conv --quick         # smoke test, < 60 s
@@ -25,12 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `sds_vision` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, from anywhere
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline benchmark: never wait for the hub
 
-import numpy as np  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.convergence import regression, vision  # noqa: E402
+from benchmarks.convergence import regression, vision
+from sds_vision import plotting, transfer
+from sds_vision.data import make_demo_data
+from sds_vision.diagnostics import plot_diagnostics
+from sds_vision.fileio import atomic_write_text
 
 FULL = dict(
     kappas=(10, 100, 1000), reg_steps=1500,
@@ -58,9 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     default=["regression", "vision"], help="which parts to run")
     ap.add_argument("--data-root", type=Path, default=None,
                     help="where the generated demo data goes (default: <out>/data)")
-    ap.add_argument("--source", default="orientation",
-                    help="pretraining task of the demo data (a tiny ViT learns it from scratch "
-                         "in a minute; 'shapes' it does not)")
     ap.add_argument("--target", default="texture",
                     help="transfer task of the demo data ('shapes' is barely learnable at 16 px)")
     ap.add_argument("--threads", type=int, default=1,
@@ -100,7 +102,7 @@ def regression_tables(reg: dict) -> str:
     lines += ["", "Final loss / initial at every lr (d = diverged):", "",
               "| optimizer | kappa | method | lr: final loss / initial |",
               "|---|---|---|---|"]
-    for opt, lrs in reg["lr_grids"].items():
+    for opt in reg["lr_grids"]:
         for kappa in reg["kappas"]:
             for method in regression.METHODS:
                 cells = []
@@ -153,21 +155,13 @@ def vision_tables(vis: dict, best: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 COLORS = {"lora": "tab:blue", "sds_polar": "tab:red", "sds_qr": "tab:orange",
           "sds_lora": "tab:red", "full": "tab:green", "linear": "tab:gray"}
 
 
 def plot_regression(reg: dict, out: Path) -> list[Path]:
-    plt = _plt()
     opts = list(reg["lr_grids"])
-    fig, axes = plt.subplots(1, len(opts), figsize=(6 * len(opts), 4.5), squeeze=False)
+    fig, axes = plotting.figure(1, len(opts), figsize=(6 * len(opts), 4.5), squeeze=False)
     ceiling = reg["steps"] * 1.6
     for ax, opt in zip(axes[0], opts):
         for method in regression.METHODS:
@@ -188,12 +182,9 @@ def plot_regression(reg: dict, out: Path) -> list[Path]:
         ax.set_title(f"{opt}: steps to a loss target (best lr each)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out / "regression_steps.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = plotting.save(fig, out / "regression_steps.png")
 
-    fig, axes = plt.subplots(len(opts), len(reg["kappas"]),
+    fig, axes = plotting.figure(len(opts), len(reg["kappas"]),
                              figsize=(4.5 * len(reg["kappas"]), 3.6 * len(opts)), squeeze=False)
     for i, opt in enumerate(opts):
         for j, kappa in enumerate(reg["kappas"]):
@@ -210,17 +201,11 @@ def plot_regression(reg: dict, out: Path) -> list[Path]:
             ax.set_ylabel("loss / initial")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    p2 = out / "regression_curves.png"
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
-    return [p1, p2]
+    return [p1, plotting.save(fig, out / "regression_curves.png")]
 
 
 def plot_vision(vis: dict, best: dict, out: Path) -> list[Path]:
-    from sds_vision.diagnostics import plot_diagnostics
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plotting.figure(1, 2, figsize=(12, 4.5))
     for method in vis["lr_grids"]:
         lr = best[method]["lr"]
         rows = [r for r in vis["runs"] if r["method"] == method and r["lr"] == lr]
@@ -237,10 +222,7 @@ def plot_vision(vis: dict, best: dict, out: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [out / "vision_train_loss.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    paths = [plotting.save(fig, out / "vision_train_loss.png")]
     for method in ("lora", "sds_lora"):
         if method not in best:
             continue
@@ -256,8 +238,6 @@ def plot_vision(vis: dict, best: dict, out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     out: Path = args.out
@@ -266,7 +246,8 @@ def main(argv=None) -> dict:
     result: dict = {"settings": {k: (v if not isinstance(v, dict) else
                                      {a: list(b) for a, b in v.items()}) for k, v in s.items()},
                     "quick": args.quick, "argv": sys.argv[1:] if argv is None else list(argv)}
-    sections, figures = [f"# Convergence benchmark{' (--quick: smoke settings, not evidence)' if args.quick else ''}"], []
+    quick_note = " (--quick: smoke settings, not evidence)" if args.quick else ""
+    sections, figures = [f"# Convergence benchmark{quick_note}"], []
 
     if "regression" in args.parts:
         t = time.perf_counter()
@@ -279,16 +260,17 @@ def main(argv=None) -> dict:
     if "vision" in args.parts:
         t = time.perf_counter()
         data_root = args.data_root or out / "data"
-        from sds_vision.data import make_demo_data
         make_demo_data(data_root, n_train_per_class=s["n_train"], n_val_per_class=s["n_val"],
-                       img_size=vision.IMG_SIZE, seed=0)
+                       img_size=transfer.IMG_SIZE, seed=0)
         vdir = out / "vision"
         vdir.mkdir(exist_ok=True)
-        ckpt = vision.pretrain_source(vdir, data_root, args.source, s["source_epochs"])
+        ckpt, source_meta = transfer.pretrain_source(
+            data_root, vdir, epochs=s["source_epochs"], seed=0, n_train=s["n_train"],
+            n_val=s["n_val"])
         vis = vision.run_transfer(vdir, data_root, args.target, ckpt, s["vis_lrs"], s["seeds"],
                                   s["vis_steps"], diag_every=s["diag_every"])
-        vis["source"] = args.source
-        vis["source_checkpoint"] = json.loads((vdir / "source.json").read_text())
+        vis["source"] = source_meta["task"]
+        vis["source_checkpoint"] = source_meta
         best = vision.select_best(vis)
         vis["best"] = best
         vis["seconds"] = time.perf_counter() - t
@@ -297,12 +279,13 @@ def main(argv=None) -> dict:
         figures += plot_vision(vis, best, out)
 
     result["seconds"] = time.perf_counter() - t0
-    sections.append(f"Figures: {', '.join(p.name for p in figures)}. Raw numbers: convergence.json. "
+    sections.append(f"Figures: {', '.join(p.name for p in figures)}. "
+                    f"Raw numbers: convergence.json. "
                     f"Wall time {result['seconds']:.0f} s.")
     md = "\n\n".join(sections) + "\n"
     print(md)
-    (out / "convergence.md").write_text(md)
-    (out / "convergence.json").write_text(json.dumps(_jsonable(result), indent=1))
+    atomic_write_text(out / "convergence.md", md)
+    atomic_write_text(out / "convergence.json", json.dumps(_jsonable(result), indent=1))
     result["markdown"] = md
     return result
 

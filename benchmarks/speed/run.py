@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from sds_vision import count_parameters, create_sds_model, merge_adapters  # noqa: E402
+from sds_vision import count_parameters, create_sds_model, merge_adapters, plotting
+from sds_vision.fileio import atomic_write_text
 
 TARGET_MODULES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -212,12 +213,9 @@ def report(result, out: Path, dev: str) -> None:
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.md").write_text(text + "\n")
-    (out / "speed.json").write_text(json.dumps(result, indent=2, default=str))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    atomic_write_text(out / "speed.md", text + "\n")
+    atomic_write_text(out / "speed.json", json.dumps(result, indent=2, default=str))
+    fig, axes = plotting.figure(1, 2, figsize=(9, 3.5))
     names = list(result["step_s"])
     axes[0].bar(names, [result["step_s"][m] for m in names], color="tab:blue")
     axes[0].set_ylabel("train step, median s")
@@ -227,9 +225,7 @@ def report(result, out: Path, dev: str) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"{result['setting']['model']}, batch {result['setting']['batch_size']}, "
                  f"{result['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "speed.png", dpi=120)
-    plt.close(fig)
+    plotting.save(fig, out / "speed.png", dpi=120)
     print(f"wrote {out / 'speed.md'}, {out / 'speed.json'}, {out / 'speed.png'}")
 
 

@@ -22,7 +22,7 @@ from sds_vision.data.cache import CachedDataset, DeviceNormalizer, Prep, cached_
 from sds_vision.data.fgvc import load_fgvc, resolve_fgvc
 from sds_vision.data.vtab import BenchmarkDataError, load_vtab_split, resolve_task
 
-__all__ = ["TaskData", "build_task_data", "FGVCTrainDataset", "num_classes_of"]
+__all__ = ["TaskData", "build_task_data", "FGVCTrainDataset"]
 
 
 @dataclass
@@ -58,12 +58,6 @@ class FGVCTrainDataset(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise BenchmarkDataError(f"{path}: cannot decode image ({e})") from None
         return self.tf(img), label
-
-
-def num_classes_of(benchmark: str, root: str | Path, task: str) -> int:
-    if benchmark == "vtab":
-        return resolve_task(task).num_classes
-    return load_fgvc(root, task, splits=()).num_classes
 
 
 def build_task_data(benchmark: str, root: str | Path, task: str, mode: str,

@@ -1,5 +1,5 @@
 """The VTAB-1k and FGVC protocols, in code: one table of hyperparameters, named split
-modes, preprocessing and normalisation as recorded settings (BENCHMARKS.md).
+modes, preprocessing and normalisation as recorded settings (docs/benchmarks.md).
 
 To change a hyperparameter for one task or method, edit ``TASK_HPARAMS`` (or pass an
 override on the command line, which is recorded in the run's ``bench.json``).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from sds_vision.data.fgvc import SPLIT_MODES as FGVC_SPLIT_MODES
 from sds_vision.data.vtab import SPLIT_MODES as VTAB_SPLIT_MODES
 
 __all__ = ["Preprocess", "NORMALIZATIONS", "COMMON_HPARAMS", "METHOD_HPARAMS", "TASK_HPARAMS",
@@ -25,10 +26,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 # Split modes: (train split, evaluation split) per benchmark.
 SPLIT_MODES: dict[str, dict[str, tuple[str, str]]] = {
-    "vtab": dict(VTAB_SPLIT_MODES),                      # tune: train800->val200, final: train800val200->test
-    # VPT's get_loaders trains FGVC final runs on train only (train+val is VTAB's rule)
-    "fgvc": {"tune": ("train", "val"), "final": ("train", "test")},
-}
+    "vtab": VTAB_SPLIT_MODES, "fgvc": FGVC_SPLIT_MODES}
+MODES = tuple(VTAB_SPLIT_MODES)  # every benchmark names its modes alike: tune, final
 
 # NOAH / FacT defaults for VTAB-1k, and VPT's schedule for FGVC (lr/wd chosen on val there).
 COMMON_HPARAMS: dict[str, object] = {

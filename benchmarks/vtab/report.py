@@ -6,7 +6,7 @@ trainable parameters, a CSV, and one bar chart per group.
 
 Accuracy is the LAST epoch's top-1 on the evaluation split. ``--best`` adds the max
 over epochs, which in ``final`` mode is selected on test (labelled so). ``--anchors``
-adds published numbers (BENCHMARKS.md): theirs, not ours, several test-selected.
+adds published numbers (docs/benchmarks.md): theirs, not ours, several test-selected.
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sds_vision.models import METHODS  # noqa: E402
-from benchmarks.vtab.rundir import RunResult, atomic_write_text, load_results  # noqa: E402
-from sds_vision.data.fgvc import FGVC_DATASETS  # noqa: E402
-from sds_vision.data.vtab import VTAB_GROUPS  # noqa: E402
+from benchmarks.vtab.protocol import MODES, SPLIT_MODES
+from benchmarks.vtab.rundir import RunResult, load_results
+from sds_vision import plotting
+from sds_vision.data.fgvc import FGVC_DATASETS
+from sds_vision.data.vtab import VTAB_GROUPS
+from sds_vision.fileio import atomic_write_text
+from sds_vision.methods import METHODS
 
 __all__ = ["summarise", "Summary", "render_markdown", "write_report", "ANCHORS", "main"]
 
 GROUPS = {"vtab": dict(VTAB_GROUPS), "fgvc": {"fgvc": tuple(FGVC_DATASETS)}}
-METHOD_ORDER = METHODS
+METHOD_ORDER = list(METHODS)
 
-# Published anchors, ViT-B/16 IN-21k, top-1 % (BENCHMARKS.md). THEIRS, not ours.
+# Published anchors, ViT-B/16 IN-21k, top-1 % (docs/benchmarks.md). THEIRS, not ours.
 ANCHOR_COLS = ("params (M)", "natural", "specialized", "structured", "VTAB mean",
                "mean over 19", "FGVC mean")
 ANCHORS: dict[str, tuple] = {  # strings, as printed in the papers (trailing zeros kept)
@@ -159,8 +162,7 @@ def _group_of(s: Summary, task: str) -> str:
 
 def render_markdown(s: Summary, anchors: bool = False, best: bool = False) -> str:
     vt = s.benchmark == "vtab"
-    split = {"vtab": {"final": "train800val200 -> test", "tune": "train800 -> val200"},
-             "fgvc": {"final": "train -> test", "tune": "train -> val"}}[s.benchmark][s.mode]
+    split = " -> ".join(SPLIT_MODES[s.benchmark][s.mode])
     name = "VTAB-1k" if vt else "FGVC"
     out = io.StringIO()
     w = out.write
@@ -228,7 +230,7 @@ def render_markdown(s: Summary, anchors: bool = False, best: bool = False) -> st
                 row.append(_fmt(statistics.fmean(b)) if b else "–")
             w(f"| {t} | " + " | ".join(row) + " |\n")
     if anchors:
-        w("\n## Published anchors (THEIRS, not ours; ViT-B/16 IN-21k, BENCHMARKS.md)\n\n")
+        w("\n## Published anchors (THEIRS, not ours; ViT-B/16 IN-21k, docs/benchmarks.md)\n\n")
         w("Mean of group means unless noted. NOAH, FacT, RepAdapter and V-PETL report the "
           "max test accuracy over training (selection on test); reproductions commonly land "
           "0.5-2.5 points lower.\n\n")
@@ -245,15 +247,12 @@ def _csv_text(rows: list[list]) -> str:
 
 
 def _charts(s: Summary, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     paths = []
     for g, ts in GROUPS[s.benchmark].items():
         ts = [t for t in ts if any((t, m) in s.cells for m in s.methods)]
         if not ts:
             continue
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(ts) + 1), 3.5))
+        fig, ax = plotting.figure(figsize=(max(4.0, 1.2 * len(ts) + 1), 3.5))
         width = 0.8 / len(s.methods)
         for i, m in enumerate(s.methods):
             xs = [j + i * width for j, t in enumerate(ts) if (t, m) in s.cells]
@@ -265,11 +264,7 @@ def _charts(s: Summary, out: Path) -> list[Path]:
         ax.set_ylabel("top-1 % (last epoch)")
         ax.set_title(f"{g} ({s.mode})")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"chart_{g}.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(plotting.save(fig, out / f"chart_{g}.png", dpi=100))
     return paths
 
 
@@ -317,10 +312,10 @@ def main(argv=None) -> int:
     ap.add_argument("runs_dir", help="sweep output folder (searched recursively)")
     ap.add_argument("--out", default=None, help="where to write the report (default: runs_dir)")
     ap.add_argument("--anchors", action="store_true",
-                    help="add published numbers from BENCHMARKS.md, marked as theirs")
+                    help="add published numbers from docs/benchmarks.md, marked as theirs")
     ap.add_argument("--best", action="store_true",
                     help="add max-over-epochs accuracy (selected on the eval split)")
-    ap.add_argument("--mode", choices=["tune", "final"], default=None,
+    ap.add_argument("--mode", choices=MODES, default=None,
                     help="split mode to report when a folder holds both")
     a = ap.parse_args(argv)
     try:

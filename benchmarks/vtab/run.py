@@ -24,12 +24,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.vtab.protocol import (BENCHMARKS, ENGINE_FIXED, NORMALIZATIONS,  # noqa: E402
-                                      SPLIT_MODES, hparams, preprocess_for)
-from benchmarks.vtab.rundir import atomic_write_json, is_finished, run_dir  # noqa: E402
-from sds_vision.data.vtab import SPLIT_FILES, BenchmarkDataError  # noqa: E402
+from benchmarks.vtab.protocol import (
+    BENCHMARKS,
+    ENGINE_FIXED,
+    MODES,
+    NORMALIZATIONS,
+    SPLIT_MODES,
+    hparams,
+    preprocess_for,
+)
+from benchmarks.vtab.rundir import is_finished, run_dir
+from sds_vision.data.vtab import SPLIT_FILES, BenchmarkDataError
+from sds_vision.fileio import atomic_write_json
+from sds_vision.methods import METHODS
+from sds_vision.train.rundir import BENCH, RESULT
 
-from sds_vision.models import METHODS  # noqa: E402
 # bench.json fields that must match when a run directory is resumed.
 _IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "preprocess",
              "pretrained", "checkpoint_path")
@@ -49,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-root", required=True, help="VTAB-1k dump (<root>/<task>/*.txt) or FGVC root")
     a("--tasks", nargs="+", default=["all"],
       help="'all', group names (natural/specialized/structured) or task names/aliases")
-    a("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
+    a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     a("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one run each)")
     a("--model", default="vit_base", help="alias (vit_base = ViT-B/16 orig IN-21k) or timm name")
     a("--out", required=True, help="sweep folder: <out>/<mode>/<task>/<method>/seed<k>/")
-    a("--mode", choices=["final", "tune"], default="final",
+    a("--mode", choices=MODES, default="final",
       help="final: train800val200 -> test; tune: train800 -> val200 (FGVC: train -> test / val)")
     a("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet",
       help="imagenet mean/std (NOAH/FacT) or inception 0.5/0.5 (SSF, VPT baseline)")
@@ -136,7 +145,7 @@ def _eval_every(args) -> int:
 
 def check_settings(d: Path, rec: dict) -> None:
     """Refuse a run folder (finished or not) that was made with other settings."""
-    old = d / "bench.json"
+    old = d / BENCH
     if old.is_file():
         prev = json.loads(old.read_text())
         diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
@@ -151,11 +160,12 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
     import torch
 
     from benchmarks.vtab.datasets import build_task_data
+    from sds_vision.config import AdapterConfig
     from sds_vision.train import TrainConfig, fit
     d = run_dir(args.out, args.mode, spec.task, spec.method, spec.seed)
     rec = bench_record(args, spec)
     check_settings(d, rec)
-    atomic_write_json(d / "bench.json", rec)
+    atomic_write_json(d / BENCH, rec)
     key = (spec.task, args.mode)
     if key not in data_cache:
         data_cache.clear()  # keep one task's splits in memory (runs are task-major)
@@ -167,12 +177,13 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
     hp = rec["hparams"]
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(
-        model=args.model, method=spec.method, rank=hp["rank"], epochs=hp["epochs"],
+        model=args.model, method=spec.method, adapter=AdapterConfig(rank=hp["rank"]),
+        epochs=hp["epochs"],
         batch_size=hp["batch_size"], lr=hp["lr"], weight_decay=hp["weight_decay"],
         warmup_epochs=hp["warmup_epochs"], min_lr=hp["min_lr"],
         label_smoothing=hp["label_smoothing"], clip_grad=hp["clip_grad"],
         drop_path=hp["drop_path"], img_size=args.img_size, seed=spec.seed,
-        pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, amp=True,
+        pretrained=args.pretrained, checkpoint_path=args.checkpoint_path,
         channels_last=True,
         num_workers=args.num_workers if args.num_workers is not None else (
             min(8, max(1, (os.cpu_count() or 2) // max(args.gpus or 1, 1) - 1)) if cuda else 0),
@@ -181,7 +192,7 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
         out_dir=str(d), resume=True, progress=args.verbose,
         log_every_steps=50 if not args.verbose else 10)
     final = fit(cfg, data.train, data.eval, data.num_classes)
-    atomic_write_json(d / "result.json", {**rec, "val_top1": final["val_top1"],
+    atomic_write_json(d / RESULT, {**rec, "val_top1": final["val_top1"],
                                           "best_val_top1_selected_on_eval": final["best_val_top1"],
                                           "seconds": final["seconds"], "params": final["params"]})
     return final

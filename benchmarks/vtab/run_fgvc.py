@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.vtab.run import main as _main  # noqa: E402
+from benchmarks.vtab.run import main as _main
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from sds_vision.fileio import atomic_write_json, atomic_write_text
+from sds_vision.train.rundir import BENCH, FINAL, RunDir
 
-__all__ = ["run_dir", "atomic_write_text", "atomic_write_json", "RunResult", "load_results",
+__all__ = ["run_dir", "RunResult", "load_results",
            "is_finished"]
 
 
@@ -28,7 +28,7 @@ def run_dir(out: str | Path, mode: str, task: str, method: str, seed: int) -> Pa
 
 
 def is_finished(d: str | Path) -> bool:
-    return (Path(d) / "final_metrics.json").is_file()
+    return RunDir(d).is_finished()
 
 
 @dataclass
@@ -52,15 +52,15 @@ def load_results(root: str | Path) -> list[RunResult]:
     """Every finished run under ``root`` (recursively). Task/method/seed come from
     ``bench.json`` when present, else from the path ``.../<task>/<method>/seed<k>``."""
     out = []
-    for fm in sorted(Path(root).rglob("final_metrics.json")):
+    for fm in sorted(Path(root).rglob(FINAL)):
         d = fm.parent
         try:
             m = json.loads(fm.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{fm}:{e.lineno}: invalid JSON ({e.msg})") from None
         bench = {}
-        if (d / "bench.json").is_file():
-            bench = json.loads((d / "bench.json").read_text())
+        if (d / BENCH).is_file():
+            bench = json.loads((d / BENCH).read_text())
         seed_part = d.name[4:] if d.name.startswith("seed") else None
         try:
             seed = int(bench.get("seed", seed_part))

@@ -10,15 +10,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sds_vision.data.folder import IMG_EXTENSIONS, DataError, ImageFolderSplits, load_image_rgb
-from sds_vision.data.synthetic import (SOURCE_TASK, TARGET_TASKS, TASKS, generate_shapes_dataset,
-                                       make_demo_data)
+from sds_vision.data.synthetic import (
+    SOURCE_TASK,
+    TARGET_TASKS,
+    TASKS,
+    generate_task,
+    make_demo_data,
+)
 
 if TYPE_CHECKING:
     from sds_vision.data.transforms import ImageTransform, TransformedDataset, build_transform
 
 __all__ = [
     "DataError", "IMG_EXTENSIONS", "ImageFolderSplits", "ImageTransform", "SOURCE_TASK",
-    "TARGET_TASKS", "TASKS", "TransformedDataset", "build_transform", "generate_shapes_dataset",
+    "TARGET_TASKS", "TASKS", "TransformedDataset", "build_transform", "generate_task",
     "load_image_rgb", "make_demo_data",
 ]
 

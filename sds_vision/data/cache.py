@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from sds_vision.data.vtab import BenchmarkDataError
 from sds_vision.fileio import atomic_write
 
 __all__ = ["CachedSplit", "Prep", "decode_split", "cached_split", "DeviceNormalizer",
-           "CachedDataset", "iterate_batches", "fits_on_device"]
+           "CachedDataset", "fits_on_device"]
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -200,33 +200,20 @@ class DeviceNormalizer:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Map-style dataset over a ``CachedSplit`` yielding ``(float 3xHxW, int)`` as the
-    engine's contract asks; ``augment`` (optional) is applied to the uint8 image first."""
+    """A ``CachedSplit`` as a dataset: ``ds[i]`` is ``(float 3xHxW, int)`` (the engine's
+    per-sample contract) and ``ds.gather(indices)`` a whole normalised batch on the split's
+    device, which the engine uses instead of a DataLoader (no workers, no per-batch
+    host-to-device copies when the split lives on the GPU)."""
 
-    def __init__(self, split: CachedSplit, normalizer: DeviceNormalizer,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.split, self.normalizer, self.augment = split, normalizer, augment
+    def __init__(self, split: CachedSplit, normalizer: DeviceNormalizer):
+        self.split, self.normalizer = split, normalizer
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        x = self.split.images[i]
-        if self.augment is not None:
-            x = self.augment(x)
-        return self.normalizer(x), int(self.split.labels[i])
+        return self.normalizer(self.split.images[i]), int(self.split.labels[i])
 
-
-def iterate_batches(split: CachedSplit, batch_size: int, normalizer: DeviceNormalizer,
-                    shuffle: bool = False, generator: torch.Generator | None = None,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches straight from the cache, on the cache's device (no DataLoader, no copies
-    when the cache lives on the GPU); large batches suit evaluation."""
-    n = len(split)
-    device = split.images.device
-    order = (torch.randperm(n, generator=generator).to(device) if shuffle
-             else torch.arange(n, device=device))
-    stop = n - n % batch_size if drop_last else n
-    for s in range(0, stop, batch_size):
-        idx = order[s:s + batch_size]
-        yield normalizer(split.images[idx]), split.labels[idx]
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.to(self.split.images.device)
+        return self.normalizer(self.split.images[idx]), self.split.labels[idx]

@@ -19,6 +19,9 @@ __all__ = ["FGVCDataset", "FGVC_DATASETS", "FGVC_ALIASES", "FGVC_SPLITS", "FGVCS
            "load_fgvc", "check_fgvc_root", "line_of_key"]
 
 FGVC_SPLITS = ("train", "val", "test")
+# Named split modes: (train split, evaluation split). VPT's get_loaders trains FGVC final
+# runs on train only (train+val is VTAB's rule).
+SPLIT_MODES: dict[str, tuple[str, str]] = {"tune": ("train", "val"), "final": ("train", "test")}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import UserError
+
 __all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderSplits", "load_image_rgb"]
 
 IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -32,7 +34,7 @@ SPLIT_DIRS = ("train", "val", "test")
 Sample = tuple[Path, int]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data root, image or argument is unusable; the message is one line naming it."""
 
 

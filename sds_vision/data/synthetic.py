@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from sds_vision.data.folder import DataError
 
-__all__ = ["SOURCE_TASK", "TARGET_TASKS", "TASKS", "generate_shapes_dataset", "make_demo_data"]
+__all__ = ["SOURCE_TASK", "TARGET_TASKS", "TASKS", "generate_task", "make_demo_data"]
 
 # Class names are listed sorted, so TASKS[task] == ImageFolderSplits(...).classes.
 TASKS: dict[str, tuple[str, ...]] = {
@@ -197,8 +197,8 @@ def _params(task: str, n_per_class: int, img_size: int, seed: int, split: str) -
             "split": split, "version": _VERSION}
 
 
-def generate_shapes_dataset(root: str | os.PathLike, task: str, n_per_class: int,
-                            img_size: int = 32, seed: int = 0, split: str = "train") -> Path:
+def generate_task(root: str | os.PathLike, task: str, n_per_class: int,
+                  img_size: int = 32, seed: int = 0, split: str = "train") -> Path:
     """Write ``root/<task>/<split>/<class>/<i>.png`` (cached, atomic, byte-identical).
 
     If the split folder holds a ``.complete`` marker with the same parameters nothing is
@@ -267,7 +267,7 @@ def make_demo_data(root: str | os.PathLike, n_train_per_class: int = 64,
     """
     tasks = {}
     for task in TASKS:
-        generate_shapes_dataset(root, task, n_train_per_class, img_size, seed, "train")
-        generate_shapes_dataset(root, task, n_val_per_class, img_size, seed, "val")
+        generate_task(root, task, n_train_per_class, img_size, seed, "train")
+        generate_task(root, task, n_val_per_class, img_size, seed, "val")
         tasks[task] = Path(root) / task
     return tasks

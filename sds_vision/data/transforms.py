@@ -20,13 +20,13 @@ from typing import Any, Callable, Mapping, Sequence
 # timeout and a warning when offline) in every process, DataLoader workers included.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset, get_worker_info  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
 
-from sds_vision.data.folder import DataError, load_image_rgb  # noqa: E402
+from sds_vision.data.folder import DataError, load_image_rgb
 
 __all__ = ["ImageTransform", "TransformedDataset", "build_transform", "cv2_interpolation"]
 

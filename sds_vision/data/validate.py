@@ -9,6 +9,7 @@ a one-line ``BenchmarkDataError`` naming the first one.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from sds_vision.data.fgvc import (FGVC_SPLITS, line_of_key, check_fgvc_root, find_fgvc_dir,
-                                  load_fgvc, resolve_fgvc_list)
-from sds_vision.data.vtab import (SPLIT_FILES, BenchmarkDataError, check_vtab_root,
-                                  find_task_dir, read_split_lines, resolve_tasks)
+from sds_vision.data.fgvc import (
+    FGVC_SPLITS,
+    check_fgvc_root,
+    find_fgvc_dir,
+    line_of_key,
+    load_fgvc,
+    resolve_fgvc_list,
+)
+from sds_vision.data.vtab import (
+    SPLIT_FILES,
+    BenchmarkDataError,
+    check_vtab_root,
+    find_task_dir,
+    read_split_lines,
+    resolve_tasks,
+)
 
 __all__ = ["SplitSizes", "TaskSummary", "ValidationReport", "validate_vtab", "validate_fgvc"]
 
@@ -121,7 +134,7 @@ def _check_dsprites_scale(s: TaskSummary, path: Path, lineno: int, img: Path) ->
         return
     if hi <= 1:
         s.warnings.append(f"{path}:{lineno}: image max pixel value {hi}: dSprites stored "
-                          "without x255 scaling (see BENCHMARKS.md data traps)")
+                          "without x255 scaling (docs/benchmarks.md, data traps)")
 
 
 def validate_vtab(root: str | Path, tasks="all", sizes: SplitSizes = SplitSizes(),
@@ -210,10 +223,9 @@ def validate_fgvc(root: str | Path, datasets="all", decode: bool = True,
     return rep
 
 
-def main(argv=None) -> int:
-    """``python -m sds_vision.data.validate ROOT``: print the summary; exit 1 on errors."""
-    import argparse
-    ap = argparse.ArgumentParser(description="Check a VTAB-1k or FGVC data root.")
+def main(argv=None, prog: str | None = None) -> int:
+    """``sds-vision validate ROOT``: print the summary; exit 1 on errors."""
+    ap = argparse.ArgumentParser(prog=prog, description="Check a VTAB-1k or FGVC data root.")
     ap.add_argument("root", help="data root")
     ap.add_argument("--benchmark", choices=["vtab", "fgvc"], default="vtab", help="layout")
     ap.add_argument("--tasks", nargs="+", default=["all"], help="tasks/datasets (default all)")

@@ -1,6 +1,6 @@
 """VTAB-1k reader for the NOAH/SSF dump that FacT, GLoRA, RepAdapter, SSF and V-PETL read.
 
-Layout (see shared/design/BENCHMARKS.md)::
+Layout (docs/benchmarks.md, section 1)::
 
     <root>/<task>/{train800,val200,train800val200,test}.txt
     <root>/<task>/images/<split>/<file>
@@ -19,7 +19,7 @@ from sds_vision.data.folder import DataError
 
 __all__ = [
     "BenchmarkDataError", "VTabTask", "VTAB_TASKS", "VTAB_ALIASES", "VTAB_GROUPS",
-    "SPLIT_FILES", "SPLIT_MODES", "resolve_task", "resolve_tasks", "read_split_file",
+    "SPLIT_FILES", "SPLIT_MODES", "resolve_task", "resolve_tasks",
     "read_split_lines", "check_vtab_root",
     "load_vtab_split", "find_task_dir",
 ]
@@ -38,7 +38,7 @@ class VTabTask:
     test_size: int      # size of test.txt in the standard dump
 
 
-# Canonical name, group, classes, test size: BENCHMARKS.md table, in VTAB order.
+# Canonical name, group, classes, test size: docs/benchmarks.md, in VTAB order.
 _TABLE = [
     ("cifar", "natural", 100, 10_000),
     ("caltech101", "natural", 102, 6_084),
@@ -112,11 +112,6 @@ def resolve_tasks(names) -> list[VTabTask]:
             picked = [resolve_task(n)]
         out += [t for t in picked if t not in out]
     return out
-
-
-def read_split_file(path: str | Path) -> list[tuple[str, int]]:
-    """Parse one split file into ``(relative path, label)`` pairs."""
-    return [(rel, lab) for _, rel, lab in read_split_lines(path)]
 
 
 def read_split_lines(path: str | Path) -> list[tuple[int, str, int]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .rundir import DIAGNOSTICS
 
 
 class Callback:
@@ -28,7 +30,10 @@ class Callback:
 @dataclass
 class TrainContext:
     """What a callback sees. `model` is the unwrapped model (never the DDP wrapper);
-    `step` counts optimizer steps done (1-based after the first), `epoch` is 0-based."""
+    `step` counts optimizer steps done (1-based after the first), `epoch` is 0-based.
+    `run_steps(n)` makes n optimizer steps at the peak lr on training batches without
+    advancing the schedule or the step count: a method's start-up phase calls it from
+    `on_train_start` when `fresh` (a resumed run restores what the phase produced)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -38,6 +43,9 @@ class TrainContext:
     epoch: int = 0
     is_main: bool = True
     loss: torch.Tensor | None = None  # the current batch's loss (a device tensor)
+    fresh: bool = True        # False when the run resumed from a checkpoint
+    total_steps: int = 0      # optimizer steps of the whole run
+    run_steps: Callable[[int], None] | None = None  # extra steps outside the schedule
     extras: dict = field(default_factory=dict)
 
     def log(self, row: dict) -> None:
@@ -45,7 +53,7 @@ class TrainContext:
         if not self.is_main:
             return
         full = {"step": self.step, "epoch": self.epoch, **row}
-        with open(self.out_dir / "diagnostics.jsonl", "a") as f:
+        with open(self.out_dir / DIAGNOSTICS, "a") as f:
             f.write(json.dumps(full, default=_json_default) + "\n")
 
 

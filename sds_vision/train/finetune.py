@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+import timm.data
 import torch
+import torch.nn as nn
 
+from ..adapter_io import load_adapter
+from ..data import IMG_EXTENSIONS, DataError, ImageFolderSplits, load_image_rgb
+from ..data.transforms import TransformedDataset, build_transform
 from ..fileio import atomic_write_json
+from ..models import resolve_model_name
+from . import checkpoint as ckpt_io
 from .config import TrainConfig, TrainError, config_diff
 from .engine import build_model, fit
-from .rundir import RunDir
-from .runs import CLASSES_FILE, DATA_FILE, load_run_model, read_run
+from .metrics import evaluate
+from .rundir import CLASSES, DATA, RunDir
 
 
-def _data_config(model, img_size: int | None = None) -> dict:
+def data_config(model, img_size: int | None = None) -> dict:
     """timm's data config, with the input size the model was built for: a model created
     with `img_size=` keeps its pretrained cfg's input size (e.g. 224) otherwise."""
-    import timm.data
     dc = dict(timm.data.resolve_model_data_config(model))
     size = img_size or getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size:
@@ -27,21 +32,22 @@ def _data_config(model, img_size: int | None = None) -> dict:
     return dc
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def finetune(cfg: TrainConfig, data: str | os.PathLike, *, val_ratio: float = 0.2,
              skip_corrupt: bool = False, augment: bool = True, hflip: bool = True,
              callbacks=()) -> dict:
     """Fine-tune `cfg.model` on an image folder; the run dir also gets classes.json/data.json."""
-    from sds_vision import resolve_model_name
-    from sds_vision.data import ImageFolderSplits, TransformedDataset, build_transform
-
     resolve_model_name(cfg.model)  # unknown model: fail before scanning any data
     run = RunDir(cfg.out_dir)
     mode = run.check(cfg.resume, cfg.overwrite)
     data_meta = {"data": str(Path(data).resolve()), "val_ratio": val_ratio,
                  "skip_corrupt": skip_corrupt, "augment": augment, "hflip": hflip}
     classes = None
-    if mode == "resume" and (run.path / DATA_FILE).is_file():
-        saved = json.loads((run.path / DATA_FILE).read_text())
+    if mode in ("resume", "finished") and (run / DATA).is_file():
+        saved = run.read_json(DATA)
         classes = saved.get("classes")
         diff = config_diff({k: saved.get(k) for k in data_meta}, data_meta)
         if diff:
@@ -52,15 +58,15 @@ def finetune(cfg: TrainConfig, data: str | os.PathLike, *, val_ratio: float = 0.
     if len(splits.classes) < 2:
         raise TrainError(f"{data}: need at least 2 classes, found {len(splits.classes)}")
     model = build_model(cfg, len(splits.classes))
-    dc = _data_config(model, cfg.img_size)
+    dc = data_config(model, cfg.img_size)
     train_tf = build_transform(dc, train=True, augment=augment, hflip=hflip, seed=cfg.seed)
     eval_tf = build_transform(dc, train=False)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+    if int(os.environ.get("RANK", "0")) == 0 and mode != "finished":  # rank 0 writes
         run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.path / CLASSES_FILE, list(splits.classes))
-        atomic_write_json(run.path / DATA_FILE, {**data_meta, "classes": list(splits.classes),
-                                                 "data_config": _jsonable(dc),
-                                                 "skipped": [str(p) for p in splits.skipped]})
+        atomic_write_json(run / CLASSES, list(splits.classes))
+        atomic_write_json(run / DATA, {**data_meta, "classes": list(splits.classes),
+                                       "data_config": _jsonable(dc),
+                                       "skipped": [str(p) for p in splits.skipped]})
     return fit(cfg, TransformedDataset(splits.train, train_tf),
                TransformedDataset(splits.val, eval_tf), len(splits.classes), model=model,
                callbacks=callbacks)
@@ -70,16 +76,42 @@ def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def load_run_model(run_dir: str | os.PathLike, weights: str = "final",
+                   checkpoint_path: str | None = None) -> tuple[nn.Module, TrainConfig, list[str]]:
+    """Rebuild the model a run trained (same base weights) and load its trained tensors.
+
+    `weights`: "final" (`adapter/`, the last epoch) or "best" (`checkpoints/best.pt`).
+    `checkpoint_path` overrides where the frozen base weights come from.
+    """
+    run = RunDir(run_dir)
+    cfg, classes = run.read_config(), run.read_classes()
+    if checkpoint_path is not None:
+        cfg.checkpoint_path, cfg.pretrained = checkpoint_path, True
+    if cfg.method == "full" and weights == "final":
+        cfg.pretrained, cfg.checkpoint_path = False, None  # adapter/ holds every weight
+    model = build_model(cfg, len(classes))
+    if weights == "final":
+        if not run.adapter.is_dir():
+            raise TrainError(f"{run.path}: no adapter/ directory (the run did not finish)")
+        load_adapter(model, run.adapter)
+    elif weights == "best":
+        if not run.best.is_file():
+            raise TrainError(f"{run.best}: not found")
+        ckpt_io.load_trainable_state_dict(model, ckpt_io.load_checkpoint(run.best)["model"])
+    else:
+        raise TrainError(f"weights must be 'final' or 'best', got {weights!r}")
+    model.eval()
+    return model, cfg, classes
+
+
 def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, split: str = "val",
                  weights: str = "final", batch_size: int = 64, num_workers: int = 0,
                  checkpoint_path: str | None = None) -> dict:
-    """Metrics of a finished run on a split of its data (same split seed as training)."""
-    from sds_vision.data import ImageFolderSplits, TransformedDataset, build_transform
-
-    from .metrics import evaluate
-    run = Path(run_dir)
-    model, cfg, classes = load_run_model(run, weights, checkpoint_path)
-    meta = json.loads((run / DATA_FILE).read_text()) if (run / DATA_FILE).is_file() else {}
+    """Metrics of a finished run on a split of its data (same split seed as training), on
+    the GPU when there is one."""
+    run = RunDir(run_dir)
+    model, cfg, classes = load_run_model(run.path, weights, checkpoint_path)
+    meta = run.read_json(DATA) if (run / DATA).is_file() else {}
     data = data or meta.get("data")
     if not data:
         raise TrainError("no --data given and the run does not record its data folder")
@@ -88,16 +120,19 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, split: 
     samples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     if not samples:
         raise TrainError(f"{data}: has no {split} split")
-    ds = TransformedDataset(samples, build_transform(_data_config(model, cfg.img_size), train=False))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    m = evaluate(model, loader, len(classes), torch.device("cpu"))
+    device = default_device()
+    ds = TransformedDataset(samples, build_transform(data_config(model, cfg.img_size),
+                                                     train=False))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    m = evaluate(model.to(device), loader, len(classes), device, precision=cfg.precision,
+                 channels_last=cfg.channels_last)
     return {"split": split, "weights": weights, "samples": m.pop("val_samples"),
             **{k.replace("val_", "", 1): v for k, v in m.items()},
             "classes": classes}
 
 
 def _collect_images(inputs) -> list[Path]:
-    from sds_vision.data import IMG_EXTENSIONS
     out = []
     for item in inputs:
         p = Path(item)
@@ -107,40 +142,39 @@ def _collect_images(inputs) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            raise DataError(f"{p}: no such file or directory")
     if not out:
         raise TrainError(f"no images found in {', '.join(map(str, inputs))}")
     return out
 
 
+def _decode(path: Path):
+    """Decode one image for predict; a bad file is an error that names it."""
+    try:
+        return load_image_rgb(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+@torch.no_grad()
 def predict_paths(run_dir, inputs, *, top_k: int = 5, batch_size: int = 64,
                   weights: str = "final", checkpoint_path: str | None = None):
     """[(path, [(label, prob), ...])] for image files / folders, and the k used."""
-    from sds_vision.data import build_transform, load_image_rgb
-
-    from .runs import predict_batches
     paths = _collect_images(inputs)
     model, cfg, classes = load_run_model(run_dir, weights, checkpoint_path)
-    tf = build_transform(_data_config(model, cfg.img_size), train=False)
+    device = default_device()
+    model.to(device)
+    tf = build_transform(data_config(model, cfg.img_size), train=False)
     k = max(1, min(top_k, len(classes)))
     rows = []
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
-        probs = predict_batches(model, [tf(_decode(p, load_image_rgb)) for p in chunk],
-                                batch_size)
+        x = torch.stack([tf(_decode(p)) for p in chunk]).to(device)
+        probs = model(x).float().softmax(-1).cpu()
         top = probs.topk(k, dim=-1)
         for p, vals, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
             rows.append((str(p), [(classes[j], v) for j, v in zip(idx, vals)]))
     return rows, k
 
 
-__all__ = ["finetune", "evaluate_run", "predict_paths", "read_run"]
-
-
-def _decode(path, load):
-    """Decode one image for predict; a bad file is an error that names it."""
-    from sds_vision.data import DataError
-    try:
-        return load(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
+__all__ = ["finetune", "evaluate_run", "predict_paths", "load_run_model", "data_config"]

@@ -129,18 +129,66 @@ class ShardSampler(Sampler):
         return iter(self.indices)
 
 
-def train_loader(ds, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int,
-                 pin_memory: bool) -> tuple[DataLoader, EpochSampler]:
-    sampler = EpochSampler(len(ds), seed, rank, world_size)
-    loader = DataLoader(SeededDataset(ds), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                        persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
+def is_gatherable(ds) -> bool:
+    """A dataset that serves whole batches itself: ``ds.gather(index_tensor) -> (x, y)`` on
+    its own device (the benchmark harness's decoded splits). The engine then batches by
+    index, with no DataLoader, worker processes or per-batch host-to-device copies."""
+    return callable(getattr(ds, "gather", None))
 
 
-def eval_loader(ds, batch_size: int, num_workers: int, rank: int, world_size: int,
-                pin_memory: bool) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size),
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+class TrainBatches:
+    """The training batches of one epoch for this rank, resumable at a batch boundary.
+
+    ``set_epoch(epoch, start)`` skips the first ``start`` batches (mid-epoch resume).
+    ``batches_per_epoch`` counts full epochs: with ``drop_last`` the last partial batch
+    is dropped (as the VTAB references do), else it is kept.
+    """
+
+    def __init__(self, ds, batch_size: int, seed: int, num_workers: int, rank: int,
+                 world_size: int, pin_memory: bool, drop_last: bool):
+        self.ds, self.batch_size, self.drop_last = ds, batch_size, drop_last
+        self.sampler = EpochSampler(len(ds), seed, rank, world_size)
+        n = self.sampler.per_rank
+        self.batches_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"batch size {batch_size} is larger than the {n} training samples "
+                             "of this process and the last partial batch is dropped")
+        self.loader = None
+        if not is_gatherable(ds):
+            self.loader = DataLoader(SeededDataset(ds), batch_size=batch_size,
+                                     sampler=self.sampler, num_workers=num_workers,
+                                     pin_memory=pin_memory, drop_last=drop_last,
+                                     persistent_workers=num_workers > 0,
+                                     generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start=start * self.batch_size)
+
+    def __iter__(self):
+        if self.loader is not None:
+            yield from self.loader
+            return
+        order = [i for i, _ in self.sampler]
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for s in range(0, stop, self.batch_size):
+            yield self.ds.gather(torch.tensor(order[s:s + self.batch_size]))
+
+
+class _GatheredBatches:
+    def __init__(self, ds, indices: list[int], batch_size: int):
+        self.ds, self.idx, self.batch_size = ds, torch.tensor(indices, dtype=torch.long), batch_size
+
+    def __iter__(self):
+        for s in range(0, len(self.idx), self.batch_size):
+            yield self.ds.gather(self.idx[s:s + self.batch_size])
+
+
+def eval_batches(ds, batch_size: int, num_workers: int, rank: int, world_size: int,
+                 pin_memory: bool):
+    """Evaluation batches of this rank's shard (each sample once across ranks); iterable
+    any number of times."""
+    shard = ShardSampler(len(ds), rank, world_size)
+    if is_gatherable(ds):
+        return _GatheredBatches(ds, shard.indices, batch_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=shard, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -10,21 +10,23 @@ import torch.nn.functional as F
 from .distributed import DistInfo, all_reduce_sum
 
 
-def autocast_ctx(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
+def autocast_ctx(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast on CUDA when ``precision == "bf16"``; the CPU always runs float32."""
+    if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device, *,
-             amp: bool = False, channels_last: bool = False,
-             info: DistInfo = DistInfo()) -> dict:
+             precision: str = "fp32", channels_last: bool = False,
+             info: DistInfo | None = None) -> dict:
     """Returns `val_loss`, `val_top1`, `val_top5` (percent) and `val_per_class_top1`.
 
     Metric states are summed over ranks, so each sample counts once when the loader
     shards the set without padding.
     """
+    info = info or DistInfo()
     # torchmetrics imports its whole package (~5 s); only pay for it when evaluating
     from torchmetrics.classification import MulticlassAccuracy
 
@@ -42,7 +44,7 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_ctx(device, amp):
+        with autocast_ctx(device, precision):
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()

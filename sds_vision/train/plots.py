@@ -4,23 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..fileio import atomic_write  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+from .. import plotting
 
 
 def plot_curves(epoch_rows: list[dict], step_rows: list[dict], path: str | Path,
                 title: str = "") -> None:
     """Two panels: loss (per logged step and per epoch, train and val) and val accuracy."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plotting.figure(1, 2, figsize=(10, 4))
     if step_rows:
         ax_loss.plot([r["step"] for r in step_rows], [r["train_loss"] for r in step_rows],
                      color="tab:blue", alpha=0.35, lw=1, label="train (logged steps)")
@@ -43,15 +33,16 @@ def plot_curves(epoch_rows: list[dict], step_rows: list[dict], path: str | Path,
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, path)
+    plotting.save(fig, path)
 
 
 def plot_comparison(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path,
                     title: str = "") -> None:
-    """One panel per task; one train-loss line per method. `curves[task][method] = [(step, loss)]`."""
+    """One panel per task; one train-loss line per method.
+
+    `curves[task][method] = [(step, loss)]`."""
     tasks = list(curves)
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4),
+    fig, axes = plotting.figure(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4),
                              squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method, pts in curves[task].items():
@@ -64,5 +55,4 @@ def plot_comparison(curves: dict[str, dict[str, list[tuple[int, float]]]], path:
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, path)
+    plotting.save(fig, path)

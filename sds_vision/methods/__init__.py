@@ -1,0 +1,70 @@
+"""The method registry: every way this library can fine-tune a model, in one table.
+
+A low-rank method is one adapter-layer class (a ``LowRankAdapter`` subclass in its own
+module here) plus one entry below. Everything else derives from this table: the CLI's
+``--method`` choices, ``create_sds_model``, parameter counts, adapter files, merging, peft
+export, the benchmark harness's ``--methods``, report labels and the demo.
+
+This module is torch-free (the CLI reads it to build ``--help``); layer classes are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry.
+
+    Attributes:
+        name: the identifier used everywhere (``--method``, files, reports).
+        label: the name printed in tables and plots.
+        trains: ``"adapters"`` (adapter factors + the new head), ``"all"`` or ``"head"``.
+        layer: ``"<module>:<class>"`` of the adapter layer, relative to this package, or
+            None for methods without adapters.
+        summary: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    label: str
+    trains: str
+    layer: str | None
+    summary: str
+
+    @property
+    def low_rank(self) -> bool:
+        return self.layer is not None
+
+    def layer_class(self) -> type:
+        """The ``LowRankAdapter`` subclass (imports torch)."""
+        if self.layer is None:
+            raise UserError(f"method {self.name!r} has no adapter layer")
+        module, cls = self.layer.split(":")
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sds_lora", "SDS-LoRA", "adapters", "sds_lora:SDSLoRALinear",
+           "LoRA's forward; factor gradients through orthonormal bases of A and B"),
+    Method("lora", "LoRA", "adapters", "lora:LoRALinear",
+           "low-rank adapters W0 + s·BA (Hu et al. 2021)"),
+    Method("full", "full fine-tuning", "all", None, "every weight trains"),
+    Method("linear", "linear probing", "head", None, "only the new classifier head trains"),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The registry entry for ``name``, or a one-line error listing the choices."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def low_rank_methods() -> tuple[str, ...]:
+    return tuple(n for n, m in METHODS.items() if m.low_rank)
