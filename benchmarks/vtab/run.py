@@ -206,13 +206,18 @@ def _eval_every(args) -> int:
     return int(get_protocol(args.benchmark).best_eval_every.value) if args.best else 0
 
 
+def _values(x):
+    """A record without its "source" texts: rewording a source changes no result."""
+    return {k: v for k, v in x.items() if k != "source"} if isinstance(x, dict) else x
+
+
 def check_settings(d: Path, rec: dict) -> None:
     """Refuse a run folder (finished or not) that was made with other settings."""
     old = d / BENCH
     if old.is_file():
         prev = json.loads(old.read_text())
-        diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
-                != json.dumps(rec.get(k), sort_keys=True)]
+        diff = [k for k in _IDENTITY if json.dumps(_values(prev.get(k)), sort_keys=True)
+                != json.dumps(_values(rec.get(k)), sort_keys=True)]
         if diff:
             raise BenchmarkDataError(f"{old}: run was made with different settings "
                                      f"({', '.join(diff)}); use another --out or delete it")

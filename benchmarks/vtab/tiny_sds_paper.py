@@ -5,11 +5,12 @@ lists, DTD's partition files, Stanford Cars' ``.mat`` annotations (needs scipy),
 class list and partition 01, CUB-200-2011's id tables and RESISC45's class folders with
 torchgeo's split lists.
 
-    python -m benchmarks.vtab.tiny sds_paper /tmp/tiny_paper
+    python -m benchmarks.vtab.tiny_sds_paper /tmp/tiny_paper [--datasets dtd cub200]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 from pathlib import Path
@@ -153,3 +154,16 @@ def make_tiny_sds_paper(root: str | Path, datasets: list[str] | None = None, n_c
     for name in datasets or list(TINY_WRITERS):
         TINY_WRITERS[name](root, n_cls, per_class, image_size)
     return root
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", help="output data root")
+    ap.add_argument("--datasets", nargs="+", choices=list(TINY_WRITERS), default=None,
+                    help="datasets to write (default: all seven)")
+    a = ap.parse_args(argv)
+    print(make_tiny_sds_paper(a.root, a.datasets))
+
+
+if __name__ == "__main__":
+    main()
