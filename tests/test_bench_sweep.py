@@ -103,7 +103,7 @@ def test_vtab_sweep_report_resume(tmp_path, capsys):
                 finals[(task, m)]["val_top1"]
     md = (out / "report.md").read_text()
     assert "## Per-task accuracy, best epoch (selected on TEST)" in md
-    assert "| lora | last epoch (ours) |" in md and "| lora | best epoch (selected on TEST) |" in md
+    assert "| LoRA | last epoch (ours) |" in md and "| LoRA | best epoch (selected on TEST) |" in md
     # report averages recomputed from the per-task numbers the engine wrote
     summ = {(r["method"], r["average"]): r for r in csv.DictReader(open(out / "summary.csv"))}
     for m in ("lora", "linear"):

@@ -80,7 +80,7 @@ def test_report_files_and_labels(partial_runs, capsys):
     assert "Only 4 of 19 tasks ran" in md
     assert "71.00 ± 1.41 (n=2)" in md and "80.00 ± – (n=1)" in md
     assert "selected on TEST" in md and "76.00" in md              # best = last + 5
-    assert "| lora | best epoch (selected on TEST) | 71.00" in md     # natural: (76 + 66) / 2
+    assert "| LoRA | best epoch (selected on TEST) | 71.00" in md     # natural: (76 + 66) / 2
     assert "74.33 (partial: 3/3 groups, 4/19 tasks)" in md and "73.50 (partial: 4/19 tasks)" in md
     assert "THEIRS" in md and "68.97" in md                        # full fine-tuning anchor
     assert "LAST epoch" in md
@@ -102,7 +102,7 @@ def test_report_files_and_labels(partial_runs, capsys):
 
 def test_params_column(partial_runs):
     md = (write_report(partial_runs)["report.md"]).read_text()
-    assert "| full | last epoch (ours) | 80.00 (partial: 1/7 tasks)" in md
+    assert "| full fine-tuning | last epoch (ours) | 80.00 (partial: 1/7 tasks)" in md
     assert "2.000 | 2.000" in md                                   # 2M trainable, 100 head
 
 
@@ -155,7 +155,8 @@ def test_anchors_inline_only_for_the_anchor_backbone(tmp_path):
         _run(tmp_path, t, "lora", 0, 70.0 + i % 3, backbone=ANCHOR_BACKBONE)
         _run(tmp_path, t, "sds_lora", 0, 71.0, backbone=ANCHOR_BACKBONE)
     md = write_report(tmp_path, anchors=True)["report.md"].read_text()
-    assert "| lora | last epoch (ours) |" in md and "| LoRA r=8 (NOAH's run) | 74.60 | 0.29 |" in md
+    assert "| LoRA | last epoch (ours) |" in md and "| LoRA r=8 (NOAH's run) | 74.60 | 0.29 |" in md
+    assert "| task | group | SDS-LoRA | LoRA |" in md                    # the registry's labels
     assert "LoRA r=8 (NOAH's run) (the LoRA row) | 74.60" in md        # sds_lora's comparison
     assert "NOT comparable" not in md and "NOAH printed 74.5 for LoRA" in md
     assert "| LoRA r=8 (NOAH's run) | 0.29 | 79.5 | 84.6 | 59.8 | 74.60 | 74.5 | 72.25 |" in md

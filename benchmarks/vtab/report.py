@@ -41,9 +41,14 @@ from sds_vision.data.benchmarks import BenchmarkData, get_benchmark
 from sds_vision.fileio import atomic_write_text
 from sds_vision.methods import METHODS
 
-__all__ = ["summarise", "Summary", "render_markdown", "write_report", "main"]
+__all__ = ["summarise", "Summary", "render_markdown", "write_report", "method_label", "main"]
 
 WHICH = ("last", "best")
+
+
+def method_label(name: str) -> str:
+    """The registry's label of a method (its name for methods this version does not know)."""
+    return METHODS[name].label if name in METHODS else name
 _LABEL = {"last": "last epoch", "best": "best epoch"}
 
 
@@ -194,7 +199,7 @@ def _anchors_comparable(s: Summary) -> bool:
 
 
 def _per_task_table(s: Summary, which: str) -> str:
-    out = "| task | group | " + " | ".join(s.methods) + " |\n"
+    out = "| task | group | " + " | ".join(map(method_label, s.methods)) + " |\n"
     out += "|---|---|" + "---|" * len(s.methods) + "\n"
     for t in s.tasks:
         if not any((t, m) in s.cells for m in s.methods):
@@ -230,8 +235,8 @@ def render_markdown(s: Summary, anchors: bool = False, best: bool | None = None)
           "with tables that report the best test epoch (NOAH, FacT, RepAdapter, V-PETL), "
           "not a clean estimate.")
     w(f"\n\nModels: {_known(s, 'model')}; normalisation: {_known(s, 'normalization')}; "
-      f"adapter placement: {_known(s, 'adapter placement')}; precision: "
-      f"{_known(s, 'precision')}.\n\n")
+      f"adapter placement: {_known(s, 'adapter placement')}; precision on CUDA: "
+      f"{_known(s, 'precision')} (the CPU runs fp32).\n\n")
     mixed = [k for k, v in s.settings.items() if len(v) > 1]
     if mixed:
         w(f"**WARNING: these runs mix several {' and '.join(mixed)} settings; "
@@ -251,7 +256,8 @@ def render_markdown(s: Summary, anchors: bool = False, best: bool | None = None)
              if grouped else [f"mean over {n} datasets"])
     head += ["trainable params (M, mean over tasks)", "excl. head (M)"]
     if inline:
-        head += ["published row (THEIRS, see below)", "published mean", "published params (M)"]
+        head += ["published row (THEIRS, see below)", f"published: {anchor_set.column}",
+                 "published params (M)"]
     w("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
     for m in s.methods:
         cs = [c for (t, mm), c in s.cells.items() if mm == m and c.trainable is not None]
@@ -259,7 +265,7 @@ def render_markdown(s: Summary, anchors: bool = False, best: bool | None = None)
         ex = statistics.fmean(c.trainable - (c.head or 0) for c in cs) / 1e6 if cs else None
         for which in WHICH if show_best else ("last",):
             label = _LABEL[which] + (f" ({_best_label(s)})" if which == "best" else " (ours)")
-            row = [m, label]
+            row = [method_label(m), label]
             if grouped:
                 row += [_avg(s.group_means[which][m][g], "tasks") for g in bench.groups]
                 row += [_mog(s, which, m), _avg(s.mean_all[which][m], "tasks")]
@@ -322,7 +328,7 @@ def _charts(s: Summary, out: Path) -> list[Path]:
             xs = [j + i * width for j, t in enumerate(ts) if (t, m) in s.cells]
             cs = [s.cells[(t, m)] for t in ts if (t, m) in s.cells]
             ax.bar(xs, [c.mean for c in cs], width, yerr=[c.std or 0 for c in cs],
-                   label=m, capsize=2)
+                   label=method_label(m), capsize=2)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ts))], ts, rotation=30,
                       ha="right")
         ax.set_ylabel("top-1 % (last epoch)")

@@ -174,7 +174,7 @@ def bench_record(args, spec: RunSpec) -> dict:
     tr, ev = get_benchmark(args.benchmark).mode_splits(args.mode)
     hp, sources = resolve(args.benchmark, spec.task, spec.method, _overrides(args))
     placement = PLACEMENTS[_placement(args)]
-    every = _eval_every(args)
+    every, every_source = _eval_schedule(args)
     return {"benchmark": args.benchmark, "task": spec.task, "method": spec.method,
             "seed": spec.seed, "mode": args.mode, "train_split": tr, "eval_split": ev,
             "model": args.model, "backbone": resolve_model_name(args.model),
@@ -186,9 +186,7 @@ def bench_record(args, spec: RunSpec) -> dict:
             "reference_precision": {"value": proto.reference_precision.value,
                                     "source": proto.reference_precision.source},
             "eval_every": every,
-            "best_eval": (None if every == 0 else
-                          {"every": every, "source": proto.best_eval_every.source
-                           if every == proto.best_eval_every.value else "command line"}),
+            "best_eval": None if every == 0 else {"every": every, "source": every_source},
             "preprocess": pre.to_dict(),
             "normalization_source": (proto.normalization_source if args.normalization is None
                                      else "command line"),
@@ -198,12 +196,21 @@ def bench_record(args, spec: RunSpec) -> dict:
                                "best_val_top1 = max over the evaluated epochs"}
 
 
-def _eval_every(args) -> int:
+def _eval_schedule(args) -> tuple[int, str]:
+    """(evaluate every N epochs, why): final runs evaluate the (large) test split after the
+    last epoch only, or on FacT's schedule with --best; tuning runs every epoch."""
     if args.eval_every is not None:
-        return args.eval_every
+        return args.eval_every, "command line"
     if args.mode != "final":
-        return 1
-    return int(get_protocol(args.benchmark).best_eval_every.value) if args.best else 0
+        return 1, "tune mode: every epoch (the validation split is small)"
+    if args.best:
+        best = get_protocol(args.benchmark).best_eval_every
+        return int(best.value), best.source
+    return 0, "final mode: the last epoch only"
+
+
+def _eval_every(args) -> int:
+    return _eval_schedule(args)[0]
 
 
 def _values(x):
