@@ -77,6 +77,7 @@ def protocol_lines(benchmark: str, tasks: list[str], methods: list[str], overrid
                                    "over those epochs"))
     out.append(f"  adapter placement {PLACEMENTS[placement].describe(rank)} "
                f"[{PLACEMENTS[placement].source}]")
+    by_text: dict[str, list[str]] = {}  # tasks with the same settings share one line
     for t in tasks:
         per: dict[str, list[str]] = {}
         for m in methods:
@@ -89,8 +90,12 @@ def protocol_lines(benchmark: str, tasks: list[str], methods: list[str], overrid
                          f", NO steps: batch {hp['batch_size']} > {n:,} train images and the "
                          "last partial batch is dropped (lower --batch-size)")
             per.setdefault(text, []).append(m)
-        out.append(f"  {t}: " + ("; ".join(f"{', '.join(ms)}: {text}" for text, ms in per.items())
-                                 if len(per) > 1 else next(iter(per))))
+        line = ("; ".join(f"{', '.join(ms)}: {text}" for text, ms in per.items())
+                if len(per) > 1 else next(iter(per)))
+        by_text.setdefault(line, []).append(t)
+    for line, ts in by_text.items():
+        who = f"all {len(ts)} tasks" if len(ts) == len(tasks) > 1 else ", ".join(ts)
+        out.append(f"  {who}: {line}")
     return out
 
 
