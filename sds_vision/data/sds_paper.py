@@ -301,7 +301,9 @@ def _stanford_cars(root: Path, ds: PaperDataset, split: str, verify: bool) -> Sp
     if len(tv.classes) != ds.num_classes:
         raise BenchmarkDataError(f"{base / 'devkit' / 'cars_meta.mat'}: {len(tv.classes)} "
                                  f"class names, Stanford Cars has {ds.num_classes}")
-    locate: Callable[[int], str] = lambda i: f"{annos}: annotation {i + 1}"  # noqa: E731
+    def locate(i: int) -> str:  # a .mat file has no lines: name the annotation
+        return f"{annos}: annotation {i + 1}"
+
     labels = [int(lab) for _, lab in samples]
     for i, lab in enumerate(labels):
         if not 0 <= lab < ds.num_classes:  # the file's classes are 1-based
