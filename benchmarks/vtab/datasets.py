@@ -1,9 +1,11 @@
 """Build the (train, eval) datasets of one benchmark task for a split mode.
 
-VTAB-1k: both splits are decoded once into a uint8 cache (resize to ``img_size``
-bicubic; no augmentation, so every epoch sees the same pixels) and normalised per item.
-FGVC: eval is cached likewise (resize shorter side, centre crop); train keeps VPT's
-random crop + flip, decoded per item (mixed aspect ratios cannot be pre-cropped).
+Splits without augmentation (VTAB-1k, the SDS-LoRA paper's suite, every evaluation split)
+are decoded once into a uint8 cache (resize, and for FGVC's evaluation a centre crop; no
+augmentation, so every epoch sees the same pixels) and normalised per item. FGVC's
+training split keeps VPT's random crop + flip, decoded per item (mixed aspect ratios
+cannot be pre-cropped). Splits stored as pixels (CIFAR-100's pickles) are resized from
+memory.
 
 The cache stays on the CPU: the engine's DataLoader pins host memory, and per-item
 normalisation of a uint8 image is far cheaper than a ViT-B step.
@@ -11,18 +13,22 @@ normalisation of a uint8 image is far cheaper than a ViT-B step.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.vtab.protocol import SPLIT_MODES, Preprocess
-from sds_vision.data.cache import CachedDataset, DeviceNormalizer, Prep, cached_split
-from sds_vision.data.fgvc import load_fgvc, resolve_fgvc
-from sds_vision.data.vtab import BenchmarkDataError, load_vtab_split, resolve_task
+from benchmarks.vtab.protocol import Preprocess
+from sds_vision.data.benchmarks import get_benchmark
+from sds_vision.data.cache import CachedDataset, CachedSplit, DeviceNormalizer, Prep, cached_split
+from sds_vision.data.listing import SplitListing
+from sds_vision.data.vtab import BenchmarkDataError
 
-__all__ = ["TaskData", "build_task_data", "FGVCTrainDataset"]
+__all__ = ["TaskData", "build_task_data", "AugmentedTrainDataset", "prep_for"]
 
 
 @dataclass
@@ -34,7 +40,7 @@ class TaskData:
     eval_split: str
 
 
-class FGVCTrainDataset(torch.utils.data.Dataset):
+class AugmentedTrainDataset(torch.utils.data.Dataset):
     """VPT's FGVC train pipeline: Resize(shorter side) -> RandomCrop -> HFlip -> Normalize.
     Randomness comes from torch's global RNG, which the engine seeds per sample."""
 
@@ -60,25 +66,45 @@ class FGVCTrainDataset(torch.utils.data.Dataset):
         return self.tf(img), label
 
 
+def prep_for(pre: Preprocess) -> Prep:
+    """The deterministic resize (and crop) of the cached splits."""
+    if pre.resize_mode == "square":
+        return Prep(pre.img_size, None, pre.interpolation)
+    return Prep(pre.resize, pre.img_size, pre.interpolation)
+
+
+def _pixels_split(listing: SplitListing, prep: Prep) -> CachedSplit:
+    """Resize an in-memory N x H x W x 3 uint8 split (threads: PIL releases the GIL)."""
+    def one(i: int) -> np.ndarray:
+        return np.asarray(prep(Image.fromarray(listing.pixels[i])), dtype=np.uint8)
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        arrays = list(ex.map(one, range(len(listing))))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return CachedSplit(images, torch.tensor(listing.labels, dtype=torch.int64))
+
+
+def _cached(benchmark: str, listing: SplitListing, prep: Prep,
+            cache_dir: str | Path | None) -> CachedSplit:
+    if listing.pixels is not None:
+        return _pixels_split(listing, prep)
+    return cached_split(listing.samples(), prep, cache_dir,
+                        f"{benchmark}-{listing.task}-{listing.split}")
+
+
 def build_task_data(benchmark: str, root: str | Path, task: str, mode: str,
                     pre: Preprocess, cache_dir: str | Path | None = None) -> TaskData:
-    """Datasets for ``task`` in split mode ``mode`` ("tune" or "final")."""
-    if mode not in SPLIT_MODES[benchmark]:
-        raise ValueError(f"unknown split mode {mode!r}; expected one of "
-                         f"{tuple(SPLIT_MODES[benchmark])}")
-    tr_split, ev_split = SPLIT_MODES[benchmark][mode]
+    """Datasets for ``task`` in split mode ``mode`` (the benchmark's split modes)."""
+    bench = get_benchmark(benchmark)
+    tr_split, ev_split = bench.mode_splits(mode)
+    tr, ev = bench.listing(root, task, tr_split), bench.listing(root, task, ev_split)
     norm = DeviceNormalizer(pre.mean, pre.std)
-    if benchmark == "vtab":
-        t = resolve_task(task)
-        prep = Prep(pre.resize, None, pre.interpolation)
-        splits = [cached_split(load_vtab_split(root, t, s), prep, cache_dir, f"{t.name}-{s}")
-                  for s in (tr_split, ev_split)]
-        return TaskData(CachedDataset(splits[0], norm), CachedDataset(splits[1], norm),
-                        t.num_classes, tr_split, ev_split)
-    ds = resolve_fgvc(task)
-    loaded = load_fgvc(root, ds)
-    train = [s for name in tr_split.split("+") for s in loaded.splits[name]]
-    ev = cached_split(loaded.splits[ev_split], Prep(pre.resize, pre.img_size, pre.interpolation),
-                      cache_dir, f"{ds.name}-{ev_split}")
-    return TaskData(FGVCTrainDataset(train, pre), CachedDataset(ev, norm), loaded.num_classes,
-                    tr_split, ev_split)
+    prep = prep_for(pre)
+    if pre.augment:
+        if tr.paths is None:
+            raise BenchmarkDataError(f"{tr.source}: augmentation needs image files")
+        train = AugmentedTrainDataset(tr.samples(), pre)
+    else:
+        train = CachedDataset(_cached(benchmark, tr, prep, cache_dir), norm)
+    evaluation = CachedDataset(_cached(benchmark, ev, prep, cache_dir), norm)
+    return TaskData(train, evaluation, tr.num_classes, tr_split, ev_split)

@@ -1,12 +1,16 @@
-"""Run a VTAB-1k (or FGVC) sweep: every (task, method, seed) is one engine run directory.
+"""Run a benchmark sweep (VTAB-1k, FGVC or the SDS-LoRA paper's suite): every (task,
+method, seed) is one engine run directory.
 
     python benchmarks/vtab/run.py --data-root DIR --tasks all --methods sds_lora lora full \
         linear --seeds 0 1 2 --model vit_base --out runs/vtab
     python benchmarks/vtab/run.py --benchmark fgvc --data-root FGVC_DIR --tasks all ...
+    python benchmarks/vtab/run.py --benchmark sds_paper --data-root SUITE_DIR ...
 
-The data root is validated first (``--dry-run`` stops there and prints the plan).
-Finished runs (``final_metrics.json``) are skipped; unfinished ones resume from their
-last checkpoint. One progress line per run. The report (last-epoch accuracy, both VTAB
+The data root is validated first; ``--dry-run`` stops there and prints the plan: the
+resolved protocol (benchmarks/vtab/protocol.py) and each method's trainable adapter
+parameters beside the published anchor's. Finished runs (``final_metrics.json``) are
+skipped; unfinished ones resume from their last checkpoint. One progress line per run.
+The report (last epoch and, with ``--best``, the best evaluated epoch, each with its
 averages) is written to ``--out`` at the end. With several GPUs, one worker process per
 GPU pulls runs from a shared queue.
 """
@@ -25,23 +29,27 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.vtab.protocol import (
-    BENCHMARKS,
-    ENGINE_FIXED,
     MODES,
     NORMALIZATIONS,
-    SPLIT_MODES,
-    hparams,
+    PLACEMENTS,
+    PROTOCOLS,
+    TRAIN_FIELDS,
+    get_protocol,
     preprocess_for,
+    resolve,
 )
 from benchmarks.vtab.rundir import is_finished, run_dir
-from sds_vision.data.vtab import SPLIT_FILES, BenchmarkDataError
+from sds_vision.data.benchmarks import get_benchmark
+from sds_vision.data.validate import SplitSizes
+from sds_vision.data.vtab import BenchmarkDataError
 from sds_vision.fileio import atomic_write_json
-from sds_vision.methods import METHODS
+from sds_vision.methods import METHODS, get_method
+from sds_vision.train.config import PRECISIONS
 from sds_vision.train.rundir import BENCH, RESULT
 
 # bench.json fields that must match when a run directory is resumed.
-_IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "preprocess",
-             "pretrained", "checkpoint_path")
+_IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "adapter",
+             "precision", "eval_every", "preprocess", "pretrained", "checkpoint_path")
 
 
 @dataclass(frozen=True)
@@ -54,28 +62,41 @@ class RunSpec:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = ap.add_argument
-    a("--benchmark", choices=BENCHMARKS, default="vtab", help="vtab (VTAB-1k) or fgvc")
-    a("--data-root", required=True, help="VTAB-1k dump (<root>/<task>/*.txt) or FGVC root")
+    a("--benchmark", choices=list(PROTOCOLS), default="vtab",
+      help="vtab (VTAB-1k), fgvc (VPT layout) or sds_paper (the SDS-LoRA paper's suite)")
+    a("--data-root", required=True, help="the benchmark's data root (docs/benchmarks.md)")
     a("--tasks", nargs="+", default=["all"],
-      help="'all', group names (natural/specialized/structured) or task names/aliases")
+      help="'all', group names (VTAB: natural/specialized/structured) or task names/aliases")
     a("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    a("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one run each)")
+    a("--seeds", nargs="+", type=int, default=None,
+      help="seeds, one run each (default: the protocol's; VTAB/FGVC 0 1 2, sds_paper 1 2 3)")
     a("--model", default="vit_base", help="alias (vit_base = ViT-B/16 orig IN-21k) or timm name")
     a("--out", required=True, help="sweep folder: <out>/<mode>/<task>/<method>/seed<k>/")
     a("--mode", choices=MODES, default="final",
-      help="final: train800val200 -> test; tune: train800 -> val200 (FGVC: train -> test / val)")
-    a("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet",
-      help="imagenet mean/std (NOAH/FacT) or inception 0.5/0.5 (SSF, VPT baseline)")
+      help="final: train800val200 -> test; tune: train800 -> val200 (FGVC: train -> test / "
+           "val; sds_paper: final only)")
+    a("--normalization", choices=tuple(NORMALIZATIONS), default=None,
+      help="default: the protocol's (imagenet for VTAB/FGVC; inception 0.5/0.5 for sds_paper)")
     a("--pretrained", action=argparse.BooleanOptionalAction, default=True,
       help="load pretrained backbone weights (--no-pretrained for CPU tests)")
     a("--checkpoint-path", default=None, help="local backbone weights instead of the hub")
+    a("--placement", choices=list(PLACEMENTS), default=None,
+      help="adapter placement for every low-rank method (default: the protocol's; VTAB noah "
+           "= one A/B on the fused qkv + dropout 0.1, vpetl = q,v, sds_paper = q,v rsLoRA)")
+    a("--precision", choices=PRECISIONS, default="bf16",
+      help="CUDA precision: bf16 autocast (fast, default) or fp32 (what the references used)")
+    a("--best", action="store_true",
+      help="also report the best epoch: final runs evaluate every 10 epochs (FacT's schedule) "
+           "and the report adds best-on-test columns and averages")
     # protocol overrides (recorded in bench.json); None = the protocol table
-    a("--epochs", type=int, default=None, help="override epochs (protocol: 100)")
-    a("--warmup-epochs", type=int, default=None, help="override warm-up epochs (protocol: 10)")
-    a("--lr", type=float, default=None, help="override lr (protocol: 1e-3; full 1e-4)")
-    a("--weight-decay", type=float, default=None, help="override weight decay (protocol: 1e-4)")
-    a("--batch-size", type=int, default=None, help="override batch size (protocol: 64)")
-    a("--drop-path", type=float, default=None, help="override drop_path (protocol: 0.1)")
+    a("--epochs", type=int, default=None, help="override epochs (VTAB protocol: 100)")
+    a("--warmup-epochs", type=int, default=None, help="override warm-up epochs (VTAB: 10)")
+    a("--lr", type=float, default=None, help="override lr (VTAB: 1e-3; full 1e-4)")
+    a("--weight-decay", type=float, default=None, help="override weight decay (VTAB: 1e-4)")
+    a("--batch-size", type=int, default=None, help="override batch size (VTAB: 64)")
+    a("--accum-steps", type=int, default=None,
+      help="override gradient accumulation steps (sds_paper: 4; others 1)")
+    a("--drop-path", type=float, default=None, help="override drop_path (VTAB: 0.1)")
     a("--rank", type=int, default=None, help="override adapter rank (protocol: 8)")
     a("--img-size", type=int, default=224, help="input size (protocol: 224)")
     # speed / environment (not part of the result)
@@ -86,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-dir", default=None, help="decoded uint8 split cache (default <out>/.cache)")
     a("--no-cache", action="store_true", help="decode in memory only, write no cache files")
     a("--eval-every", type=int, default=None,
-      help="evaluate every N epochs (default: final mode 0 = last epoch only, since the test "
-           "split is large and only the last epoch is reported; tune mode 1)")
+      help="evaluate every N epochs (default: final mode 0 = last epoch only, or 10 with "
+           "--best; tune mode 1)")
     a("--dry-run", action="store_true", help="validate the data root, print the plan, stop")
     a("--no-decode-check", action="store_true", help="validation: check files exist, skip decode")
-    a("--expect-sizes", nargs=3, type=int, default=[800, 200, 1000], metavar=("TR", "VAL", "TRVAL"),
-      help="expected VTAB train800/val200/train800val200 sizes (tiny test data differs)")
+    a("--expect-sizes", nargs=3, type=int, default=None, metavar=("TR", "VAL", "TRVAL"),
+      help="VTAB only: expected train800/val200/train800val200 sizes (default 800 200 1000; "
+           "tiny test data differs)")
     a("--no-report", action="store_true", help="do not write the report at the end")
     a("--verbose", action="store_true", help="engine progress bars and per-step logs")
     return ap
@@ -100,47 +122,100 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args) -> dict:
     return {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "lr": args.lr,
             "weight_decay": args.weight_decay, "batch_size": args.batch_size,
-            "drop_path": args.drop_path, "rank": args.rank}
+            "accum_steps": args.accum_steps, "drop_path": args.drop_path, "rank": args.rank}
+
+
+def _placement(args) -> str:
+    return args.placement or get_protocol(args.benchmark).placement
+
+
+def _seeds(args) -> list[int]:
+    return list(args.seeds) if args.seeds else list(get_protocol(args.benchmark).seeds)
 
 
 def resolve_names(args) -> list[str]:
-    if args.benchmark == "vtab":
-        from sds_vision.data.vtab import resolve_tasks
-        return [t.name for t in resolve_tasks(args.tasks)]
-    from sds_vision.data.fgvc import resolve_fgvc_list
-    return [d.name for d in resolve_fgvc_list(args.tasks)]
+    bench = get_benchmark(args.benchmark)
+    bench.mode_splits(args.mode)  # sds_paper has no tune mode: say so before anything else
+    return bench.resolve(args.tasks)
 
 
-def validate(args, names: list[str]) -> None:
-    from sds_vision.data.validate import SplitSizes, validate_fgvc, validate_vtab
-    if args.benchmark == "vtab":
-        tr, val, trval = args.expect_sizes
-        splits = SPLIT_FILES if args.dry_run else SPLIT_MODES["vtab"][args.mode]
-        rep = validate_vtab(args.data_root, names, SplitSizes(tr, val, trval), splits=splits,
-                            decode=not args.no_decode_check)
-    else:
-        rep = validate_fgvc(args.data_root, names, decode=not args.no_decode_check)
+def validate(args, names: list[str]):
+    """Check the data root (all splits in a dry run, the mode's otherwise); raises the
+    first problem as one line. Returns the report (its counts size the plan)."""
+    bench = get_benchmark(args.benchmark)
+    options = {"decode": not args.no_decode_check,
+               "splits": bench.splits if args.dry_run else bench.mode_splits(args.mode)}
+    if args.expect_sizes is not None:
+        if not bench.sized_splits:
+            raise BenchmarkDataError(f"--expect-sizes applies to VTAB-1k only, not "
+                                     f"{args.benchmark}")
+        options["sizes"] = SplitSizes(*args.expect_sizes)
+    rep = bench.validate(args.data_root, names, **options)
     print(rep.format(), flush=True)
     rep.raise_if_failed()
+    return rep
+
+
+def _schedule_record(hp: dict) -> dict:
+    from benchmarks.vtab.plan import describe_schedule
+    start = hp["lr"] * 1e-2 if hp["warmup_lr"] is None else hp["warmup_lr"]
+    return {"kind": hp["sched"], "stepped_per": hp["sched_per"],
+            "warmup_epochs": hp["warmup_epochs"],
+            "warmup_start_lr": start if hp["warmup_epochs"] else None,
+            "floor_lr": hp["min_lr"], "warmup_prefix": hp["warmup_prefix"],
+            "description": describe_schedule(hp)}
 
 
 def bench_record(args, spec: RunSpec) -> dict:
+    """What a run is asked to do, with the protocol resolved (bench.json)."""
     from sds_vision import resolve_model_name
     pre = preprocess_for(args.benchmark, args.img_size, args.normalization)
-    tr, ev = SPLIT_MODES[args.benchmark][args.mode]
+    proto = get_protocol(args.benchmark)
+    tr, ev = get_benchmark(args.benchmark).mode_splits(args.mode)
+    hp, sources = resolve(args.benchmark, spec.task, spec.method, _overrides(args))
+    placement = PLACEMENTS[_placement(args)]
+    every, every_source = _eval_schedule(args)
     return {"benchmark": args.benchmark, "task": spec.task, "method": spec.method,
             "seed": spec.seed, "mode": args.mode, "train_split": tr, "eval_split": ev,
             "model": args.model, "backbone": resolve_model_name(args.model),
-            "hparams": hparams(args.benchmark, spec.task, spec.method, _overrides(args)),
-            "preprocess": pre.to_dict(), "engine_fixed": ENGINE_FIXED,
+            "hparams": hp, "sources": sources, "schedule": _schedule_record(hp),
+            "optimizer": "adamw (no weight decay on biases and other 1-D parameters)",
+            "adapter": {**placement.to_dict(hp["rank"]),
+                        "used": get_method(spec.method).low_rank},
+            "precision": args.precision,
+            "reference_precision": {"value": proto.reference_precision.value,
+                                    "source": proto.reference_precision.source},
+            "eval_every": every,
+            "best_eval": None if every == 0 else {"every": every, "source": every_source},
+            "preprocess": pre.to_dict(),
+            "normalization_source": (proto.normalization_source if args.normalization is None
+                                     else "command line"),
             "pretrained": args.pretrained, "checkpoint_path": args.checkpoint_path,
             "data_root": str(Path(args.data_root).resolve()),
-            "reported_metric": "val_top1 = top-1 on eval_split at the LAST epoch",
-            "eval_every": _eval_every(args)}
+            "reported_metric": "val_top1 = top-1 on eval_split at the LAST epoch; "
+                               "best_val_top1 = max over the evaluated epochs"}
+
+
+def _eval_schedule(args) -> tuple[int, str]:
+    """(evaluate every N epochs, why): final runs evaluate the (large) test split after the
+    last epoch only, or on FacT's schedule with --best; tuning runs every epoch."""
+    if args.eval_every is not None:
+        return args.eval_every, "command line"
+    if args.mode != "final":
+        return 1, "tune mode: every epoch (the validation split is small)"
+    if args.best:
+        best = get_protocol(args.benchmark).best_eval_every
+        return int(best.value), best.source
+    return 0, "final mode: the last epoch only"
 
 
 def _eval_every(args) -> int:
-    return args.eval_every if args.eval_every is not None else (0 if args.mode == "final" else 1)
+    return _eval_schedule(args)[0]
+
+
+def _values(x):
+    """A record without its "source" texts: rewording a source changes no result."""
+    return {k: v for k, v in x.items() if k != "source"} if isinstance(x, dict) else x
 
 
 def check_settings(d: Path, rec: dict) -> None:
@@ -148,8 +223,8 @@ def check_settings(d: Path, rec: dict) -> None:
     old = d / BENCH
     if old.is_file():
         prev = json.loads(old.read_text())
-        diff = [k for k in _IDENTITY if json.dumps(prev.get(k), sort_keys=True)
-                != json.dumps(rec.get(k), sort_keys=True)]
+        diff = [k for k in _IDENTITY if json.dumps(_values(prev.get(k)), sort_keys=True)
+                != json.dumps(_values(rec.get(k)), sort_keys=True)]
         if diff:
             raise BenchmarkDataError(f"{old}: run was made with different settings "
                                      f"({', '.join(diff)}); use another --out or delete it")
@@ -160,7 +235,6 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
     import torch
 
     from benchmarks.vtab.datasets import build_task_data
-    from sds_vision.config import AdapterConfig
     from sds_vision.train import TrainConfig, fit
     d = run_dir(args.out, args.mode, spec.task, spec.method, spec.seed)
     rec = bench_record(args, spec)
@@ -177,12 +251,10 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
     hp = rec["hparams"]
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(
-        model=args.model, method=spec.method, adapter=AdapterConfig(rank=hp["rank"]),
-        epochs=hp["epochs"],
-        batch_size=hp["batch_size"], lr=hp["lr"], weight_decay=hp["weight_decay"],
-        warmup_epochs=hp["warmup_epochs"], min_lr=hp["min_lr"],
-        label_smoothing=hp["label_smoothing"], clip_grad=hp["clip_grad"],
-        drop_path=hp["drop_path"], img_size=args.img_size, seed=spec.seed,
+        model=args.model, method=spec.method,
+        adapter=PLACEMENTS[rec["adapter"]["placement"]].adapter(hp["rank"]),
+        **{k: hp[k] for k in TRAIN_FIELDS}, precision=rec["precision"],
+        img_size=args.img_size, seed=spec.seed,
         pretrained=args.pretrained, checkpoint_path=args.checkpoint_path,
         channels_last=True,
         num_workers=args.num_workers if args.num_workers is not None else (
@@ -193,7 +265,8 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
         log_every_steps=50 if not args.verbose else 10)
     final = fit(cfg, data.train, data.eval, data.num_classes)
     atomic_write_json(d / RESULT, {**rec, "val_top1": final["val_top1"],
-                                          "best_val_top1_selected_on_eval": final["best_val_top1"],
+                                          "best_val_top1_selected_on_eval":
+                                              final["best_val_top1"] if rec["eval_every"] else None,
                                           "seconds": final["seconds"], "params": final["params"]})
     return final
 
@@ -220,17 +293,20 @@ def run_sweep(args) -> int:
     from sds_vision import resolve_model_name
     resolve_model_name(args.model)  # unknown model: fail before validating data
     names = resolve_names(args)
-    validate(args, names)
-    plan = [RunSpec(t, m, s) for t in names for m in args.methods for s in args.seeds]
+    rep = validate(args, names)
+    seeds = _seeds(args)
+    plan = [RunSpec(t, m, s) for t in names for m in args.methods for s in seeds]
     done = [p for p in plan if is_finished(run_dir(args.out, args.mode, p.task, p.method, p.seed))]
     for p in done:  # a finished run counts only if it was made with these settings
         check_settings(run_dir(args.out, args.mode, p.task, p.method, p.seed),
                        bench_record(args, p))
     todo = [p for p in plan if p not in done]
     print(f"plan: {len(plan)} runs ({len(names)} tasks x {len(args.methods)} methods x "
-          f"{len(args.seeds)} seeds), {len(done)} finished (skipped), {len(todo)} to run; "
-          f"mode {args.mode}, model {args.model}, normalization {args.normalization}",
+          f"{len(seeds)} seeds), {len(done)} finished (skipped), {len(todo)} to run; "
+          f"mode {args.mode}, model {args.model}, normalization "
+          f"{preprocess_for(args.benchmark, args.img_size, args.normalization).normalization}",
           flush=True)
+    _print_plan(args, names, rep)
     if args.dry_run:
         for p in todo:
             print(f"  would run {p.task} {p.method} seed {p.seed} -> "
@@ -256,11 +332,26 @@ def run_sweep(args) -> int:
     if not args.no_report:
         from benchmarks.vtab.report import write_report
         try:
-            paths = write_report(args.out, mode=args.mode)
+            paths = write_report(args.out, mode=args.mode, best=True if args.best else None)
             print(f"report: {paths['report.md']}")
         except ValueError as e:
             print(f"report not written: {e}")
     return 1 if failures else 0
+
+
+def _print_plan(args, names: list[str], rep) -> None:
+    from benchmarks.vtab.plan import parameter_lines, protocol_lines
+    bench = get_benchmark(args.benchmark)
+    train_split = bench.mode_splits(args.mode)[0]
+    sizes = {t.name: t.counts[train_split] for t in rep.tasks if train_split in t.counts}
+    rank = resolve(args.benchmark, names[0], args.methods[0], _overrides(args))[0]["rank"]
+    for line in protocol_lines(args.benchmark, names, args.methods, _overrides(args), sizes,
+                               args.precision, _eval_every(args), _placement(args), rank):
+        print(line)
+    for line in parameter_lines(args.benchmark, args.model, args.methods, _placement(args), rank,
+                                bench.num_classes(names[0]), args.img_size):
+        print(line)
+    print("", flush=True)
 
 
 def _run_parallel(args, todo: list[RunSpec], gpus: int) -> int:

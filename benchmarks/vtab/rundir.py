@@ -2,7 +2,9 @@
 
     <out>/<mode>/<task>/<method>/seed<k>/
         bench.json           what the runner asked for (benchmark, task, method, seed, split
-                             mode, hyperparameters, preprocessing, backbone); written first
+                             mode, backbone) and the resolved protocol: every setting with
+                             its source, schedule, adapter placement, precision, evaluation
+                             schedule, preprocessing; written first
         config.json, metrics.jsonl, ... final_metrics.json    the engine's run directory
         result.json          the runner's summary; written last, atomically
 
@@ -39,13 +41,17 @@ class RunResult:
     seed: int
     mode: str
     top1: float                 # last epoch, percent
-    best_top1: float | None     # max over epochs on the evaluation split
+    best_top1: float | None     # max over the evaluated epochs; None if only the last was
     trainable: int | None
     head: int | None
     seconds: float | None
     model: str | None
     normalization: str | None
     path: Path
+    adapter: int | None = None  # adapter parameters (0 for full / linear)
+    placement: str | None = None
+    precision: str | None = None
+    eval_every: int | None = None  # None: not recorded (runs of older versions)
 
 
 def load_results(root: str | Path) -> list[RunResult]:
@@ -73,13 +79,19 @@ def load_results(root: str | Path) -> list[RunResult]:
         if not math.isfinite(top1):
             raise ValueError(f"{fm}:1: non-finite val_top1 {top1}")
         params = m.get("params") or {}
+        eval_every = bench.get("eval_every")
+        # evaluated on the last epoch only: the "best" epoch is the last one, not a selection
+        best = None if eval_every == 0 else m.get("best_val_top1")
         out.append(RunResult(
             benchmark=bench.get("benchmark", "vtab"),
             task=bench.get("task", d.parent.parent.name),
             method=bench.get("method", m.get("method", d.parent.name)),
             seed=seed, mode=bench.get("mode", "final"), top1=top1,
-            best_top1=m.get("best_val_top1"), trainable=params.get("trainable"),
+            best_top1=best, trainable=params.get("trainable"),
             head=params.get("head"), seconds=m.get("seconds"),
             model=bench.get("backbone") or m.get("model"),  # resolved timm name + weights tag
-            normalization=(bench.get("preprocess") or {}).get("normalization"), path=d))
+            normalization=(bench.get("preprocess") or {}).get("normalization"), path=d,
+            adapter=params.get("adapter"),
+            placement=(bench.get("adapter") or {}).get("placement"),
+            precision=bench.get("precision"), eval_every=eval_every))
     return out

@@ -1,4 +1,5 @@
-"""Tiny generated datasets in the exact VTAB-1k (NOAH dump) and FGVC (VPT) layouts.
+"""Tiny generated datasets in the exact VTAB-1k (NOAH dump) and FGVC (VPT) layouts (the
+SDS-LoRA paper suite's formats: ``benchmarks/vtab/tiny_sds_paper.py``).
 
 For tests and for smoke-testing the harness end to end without the real data:
 

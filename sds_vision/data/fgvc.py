@@ -2,8 +2,14 @@
 
 Each dataset folder holds ``train.json``, ``val.json`` and ``test.json``: one flat JSON
 object ``{"<image path relative to the image dir>": <class id>}``. Class ids may be
-1-based; as in VPT, the sorted unique ids of the TRAIN split are mapped to 0..C-1 once
-and the same mapping is applied to val and test (an id unseen in train is an error).
+1-based. VPT (``src/data/datasets/json_dataset.py``, ``_construct_imdb``) maps the sorted
+unique ids of EACH split to 0..C-1 separately, which is one consistent mapping only when
+every split holds every class. This reader maps the ids once, from the train split, and
+applies that mapping to val and test; an id that does not occur in train is an error.
+
+Dataset folders may carry the canonical name or a name used by VPT or V-PETL setups
+(``CUB_200_2011``, ``nabirds``, ``OxfordFlowers``, ``StanfordDogs``, ``StanfordCars``, ...;
+``FGVCDataset.dirnames``); each folder name is also accepted as a dataset name.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sds_vision.data.listing import SplitListing
 from sds_vision.data.vtab import BenchmarkDataError
 
 __all__ = ["FGVCDataset", "FGVC_DATASETS", "FGVC_ALIASES", "FGVC_SPLITS", "FGVCSplits",
            "resolve_fgvc", "resolve_fgvc_list", "read_fgvc_json", "find_fgvc_dir",
-           "load_fgvc", "check_fgvc_root", "line_of_key"]
+           "load_fgvc", "check_fgvc_root", "line_of_key", "fgvc_listing"]
 
 FGVC_SPLITS = ("train", "val", "test")
 # Named split modes: (train split, evaluation split). VPT's get_loaders trains FGVC final
@@ -37,22 +44,29 @@ FGVC_DATASETS: dict[str, FGVCDataset] = {d.name: d for d in [
     FGVCDataset("cub", 200, "images", (5_394, 600, 5_794), ("CUB_200_2011", "cub", "CUB-200-2011")),
     FGVCDataset("nabirds", 555, "images", (21_536, 2_393, 24_633), ("nabirds", "NABirds")),
     FGVCDataset("oxford_flowers", 102, "", (1_020, 1_020, 6_149),
-                ("OxfordFlower", "oxford_flowers", "flowers")),
+                ("OxfordFlowers", "OxfordFlower", "oxford_flowers", "flowers")),
     FGVCDataset("stanford_dogs", 120, "Images", (10_800, 1_200, 8_580),
-                ("Stanford-dogs", "stanford_dogs", "dogs")),
+                ("Stanford-dogs", "StanfordDogs", "stanford_dogs", "dogs")),
     FGVCDataset("stanford_cars", 196, "", (7_329, 815, 8_041),
-                ("Stanford-cars", "stanford_cars", "cars")),
+                ("Stanford-cars", "StanfordCars", "stanford_cars", "cars")),
 ]}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+# Every folder name is a dataset name too, plus a few short names.
 FGVC_ALIASES: dict[str, str] = {
-    "cub200": "cub", "cub_200_2011": "cub", "birds": "cub",
-    "flowers": "oxford_flowers", "oxfordflower": "oxford_flowers",
-    "dogs": "stanford_dogs", "cars": "stanford_cars",
+    **{_key(d): ds.name for ds in FGVC_DATASETS.values() for d in ds.dirnames
+       if _key(d) != ds.name},
+    "cub200": "cub", "birds": "cub",
 }
 
 
 def resolve_fgvc(name: str) -> FGVCDataset:
-    key = name.strip().lower().replace("-", "_")
-    key = FGVC_ALIASES.get(key, key)
+    """Dataset for a canonical name, folder name or alias (case-insensitive, '-' == '_')."""
+    key = FGVC_ALIASES.get(_key(name), _key(name))
     if key not in FGVC_DATASETS:
         raise BenchmarkDataError(
             f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC_DATASETS)}")
@@ -159,3 +173,19 @@ def load_fgvc(root: str | Path, dataset: str | FGVCDataset,
             samples.append((image_dir / rel, mapping[cid]))
         out.splits[split] = samples
     return out
+
+
+def fgvc_listing(root: str | Path, dataset: str | FGVCDataset, split: str) -> SplitListing:
+    """One split as a ``SplitListing`` (class ids mapped once, from train)."""
+    loaded = load_fgvc(root, dataset, splits=(split,))
+    ds = loaded.dataset
+    path = loaded.folder / f"{split}.json"
+    image_dir = loaded.folder / ds.image_dir if ds.image_dir else loaded.folder
+    samples = loaded.splits[split]
+
+    def locate(i: int) -> str:  # the JSON is read again only for a sample with a problem
+        rel = samples[i][0].relative_to(image_dir).as_posix()
+        return f"{path}:{line_of_key(path.read_text(encoding='utf-8'), rel)}: entry {rel!r}"
+
+    return SplitListing(ds.name, split, path, [lab for _, lab in samples],
+                        loaded.num_classes, locate, paths=[p for p, _ in samples])

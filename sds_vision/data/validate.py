@@ -2,9 +2,10 @@
 
 Every requested task present, every split file parses, every listed image exists and
 decodes, labels are in range, split sizes are as expected (800/200/1000 for VTAB-1k;
-test sizes only warn), and a per-task summary is printed. Problems are collected (not
+other sizes only warn), and a per-task summary is printed. Problems are collected (not
 raised one at a time) so a single pass lists them all; ``raise_if_failed`` then raises
-a one-line ``BenchmarkDataError`` naming the first one.
+a one-line ``BenchmarkDataError`` naming the first one. Which validator checks which
+benchmark is in the benchmark table (``sds_vision.data.benchmarks``).
 """
 
 from __future__ import annotations
@@ -12,19 +13,27 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from sds_vision.data.benchmarks import BENCHMARKS, get_benchmark
 from sds_vision.data.fgvc import (
     FGVC_SPLITS,
     check_fgvc_root,
+    fgvc_listing,
     find_fgvc_dir,
-    line_of_key,
-    load_fgvc,
     resolve_fgvc_list,
+)
+from sds_vision.data.listing import SplitListing
+from sds_vision.data.sds_paper import (
+    SDS_PAPER_SPLITS,
+    check_sds_paper_root,
+    load_sds_paper_split,
+    resolve_sds_paper_list,
 )
 from sds_vision.data.vtab import (
     SPLIT_FILES,
@@ -35,7 +44,8 @@ from sds_vision.data.vtab import (
     resolve_tasks,
 )
 
-__all__ = ["SplitSizes", "TaskSummary", "ValidationReport", "validate_vtab", "validate_fgvc"]
+__all__ = ["SplitSizes", "TaskSummary", "ValidationReport", "validate_vtab", "validate_fgvc",
+           "validate_sds_paper"]
 
 
 @dataclass(frozen=True)
@@ -102,27 +112,38 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _check_images(items: list[tuple[str, Path]], decode: bool, num_workers: int,
-                  max_report: int) -> list[str]:
-    """``items`` = (location for the message, image path). Returns error strings."""
-    def check(item):
-        where, path = item
+def _check_images(paths: list[Path], locate: Callable[[int], str], decode: bool,
+                  num_workers: int, max_report: int) -> list[str]:
+    """Every path exists (and decodes); errors name where the image is listed
+    (``locate(i)``, computed only for images with a problem)."""
+    def check(i: int) -> str | None:
+        path = paths[i]
         if not path.is_file():
-            return f"{where}: image listed but missing ({path})"
+            return f"{locate(i)}: image listed but missing ({path})"
         if decode:
             try:
                 with Image.open(path) as im:
                     im.load()
             except Exception as e:  # PIL raises several types for bad data
-                return f"{where}: image {path} cannot be decoded ({type(e).__name__}: {e})"
+                return f"{locate(i)}: image {path} cannot be decoded ({type(e).__name__}: {e})"
         return None
 
     with ThreadPoolExecutor(num_workers) as ex:
-        errs = [e for e in ex.map(check, items) if e]
+        errs = [e for e in ex.map(check, range(len(paths))) if e]
     if len(errs) > max_report:
-        errs = errs[:max_report] + [f"{items[0][0].split(':')[0]}: "
+        errs = errs[:max_report] + [f"{locate(0).split(':')[0]}: "
                                     f"{len(errs) - max_report} more image problem(s)"]
     return errs
+
+
+def _check_listing(s: TaskSummary, lst: SplitListing, decode: bool, num_workers: int,
+                   max_report: int) -> None:
+    """Counts, classes seen, the reader's notes and (for image files) every image."""
+    s.counts[lst.split] = len(lst)
+    s.classes_seen[lst.split] = len(set(lst.labels))
+    s.warnings += [n for n in lst.notes if n not in s.warnings]  # notes about the dataset
+    if lst.paths is not None and lst.paths:
+        s.errors += _check_images(lst.paths, lst.locate, decode, num_workers, max_report)
 
 
 def _check_dsprites_scale(s: TaskSummary, path: Path, lineno: int, img: Path) -> None:
@@ -176,7 +197,8 @@ def validate_vtab(root: str | Path, tasks="all", sizes: SplitSizes = SplitSizes(
                     s.warnings.append(f"{path}: {len(rows)} test examples, expected {expected}")
             elif len(rows) != expected:
                 s.errors.append(f"{path}: {len(rows)} examples, expected {expected}")
-            s.errors += _check_images([(f"{path}:{n}", s.folder / rel) for n, rel, _ in rows],
+            s.errors += _check_images([s.folder / rel for _, rel, _ in rows],
+                                      lambda i, rows=rows, path=path: f"{path}:{rows[i][0]}",
                                       decode, nw, max_report)
             if task.name.startswith("dsprites") and rows and decode:
                 _check_dsprites_scale(s, path, rows[0][0], s.folder / rows[0][1])
@@ -186,7 +208,7 @@ def validate_vtab(root: str | Path, tasks="all", sizes: SplitSizes = SplitSizes(
 
 def validate_fgvc(root: str | Path, datasets="all", decode: bool = True,
                   check_sizes: bool = True, num_workers: int | None = None,
-                  max_report: int = 5) -> ValidationReport:
+                  max_report: int = 5, splits: tuple[str, ...] = FGVC_SPLITS) -> ValidationReport:
     """Validate an FGVC root in the VPT layout (sizes that differ from VPT's by more
     than 5% warn)."""
     t0 = time.time()
@@ -194,51 +216,82 @@ def validate_fgvc(root: str | Path, datasets="all", decode: bool = True,
     ds_list = resolve_fgvc_list(datasets)
     check_fgvc_root(root)
     nw = num_workers or min(16, 2 * (os.cpu_count() or 1))
-    rep = ValidationReport("FGVC", root, FGVC_SPLITS)
+    rep = ValidationReport("FGVC", root, tuple(splits))
     for ds in ds_list:
         s = TaskSummary(ds.name, "fgvc", ds.num_classes)
         rep.tasks.append(s)
         try:
             s.folder = find_fgvc_dir(root, ds)
-            loaded = load_fgvc(root, ds)
         except BenchmarkDataError as e:
             s.errors.append(str(e))
             continue
-        for i, split in enumerate(FGVC_SPLITS):
-            samples = loaded.splits[split]
-            path = s.folder / f"{split}.json"
-            s.counts[split] = len(samples)
-            s.classes_seen[split] = len({lab for _, lab in samples})
-            exp = ds.sizes[i]
-            if check_sizes and abs(len(samples) - exp) > 0.05 * exp:
-                s.warnings.append(f"{path}: {len(samples)} examples, VPT's split has {exp}")
-            image_dir = s.folder / ds.image_dir if ds.image_dir else s.folder
-            text = path.read_text(encoding="utf-8")
-            items = []
-            for p, _ in samples:
-                rel = p.relative_to(image_dir).as_posix()
-                items.append((f"{path}:{line_of_key(text, rel)}: entry {rel!r}", p))
-            s.errors += _check_images(items, decode, nw, max_report)
+        for split in splits:
+            try:
+                lst = fgvc_listing(root, ds, split)
+            except BenchmarkDataError as e:
+                s.errors.append(str(e))
+                if split == "train":  # every split maps its ids through train: report once
+                    break
+                continue
+            exp = ds.sizes[FGVC_SPLITS.index(split)]
+            if check_sizes and abs(len(lst) - exp) > 0.05 * exp:
+                s.warnings.append(f"{lst.source}: {len(lst)} examples, VPT's split has {exp}")
+            _check_listing(s, lst, decode, nw, max_report)
+    rep.seconds = time.time() - t0
+    return rep
+
+
+def validate_sds_paper(root: str | Path, datasets="all", decode: bool = True,
+                       check_sizes: bool = True, num_workers: int | None = None,
+                       max_report: int = 5,
+                       splits: tuple[str, ...] = SDS_PAPER_SPLITS) -> ValidationReport:
+    """Validate a root of the SDS-LoRA paper's suite (sizes other than the standard
+    split's warn; so does a CIFAR-100 file whose md5 is not the official archive's)."""
+    t0 = time.time()
+    root = Path(root)
+    ds_list = resolve_sds_paper_list(datasets)
+    check_sds_paper_root(root)
+    nw = num_workers or min(16, 2 * (os.cpu_count() or 1))
+    rep = ValidationReport("SDS-LoRA paper suite", root, tuple(splits))
+    for ds in ds_list:
+        s = TaskSummary(ds.name, "sds_paper", ds.num_classes, folder=root / ds.folder)
+        rep.tasks.append(s)
+        for split in splits:
+            try:
+                lst = load_sds_paper_split(root, ds, split, verify=True)
+            except BenchmarkDataError as e:
+                s.errors.append(str(e))
+                continue
+            exp = ds.sizes[SDS_PAPER_SPLITS.index(split)]
+            if check_sizes and len(lst) != exp:
+                s.warnings.append(f"{lst.source}: {len(lst)} {split} examples, the standard "
+                                  f"split has {exp}")
+            _check_listing(s, lst, decode, nw, max_report)
     rep.seconds = time.time() - t0
     return rep
 
 
 def main(argv=None, prog: str | None = None) -> int:
     """``sds-vision validate ROOT``: print the summary; exit 1 on errors."""
-    ap = argparse.ArgumentParser(prog=prog, description="Check a VTAB-1k or FGVC data root.")
+    ap = argparse.ArgumentParser(prog=prog, description="Check a benchmark data root: "
+                                 + ", ".join(f"{b.name} ({b.title})" for b in BENCHMARKS.values()))
     ap.add_argument("root", help="data root")
-    ap.add_argument("--benchmark", choices=["vtab", "fgvc"], default="vtab", help="layout")
+    ap.add_argument("--benchmark", choices=list(BENCHMARKS), default="vtab", help="layout")
     ap.add_argument("--tasks", nargs="+", default=["all"], help="tasks/datasets (default all)")
-    ap.add_argument("--expect-sizes", nargs=3, type=int, default=[800, 200, 1000],
-                    metavar=("TR", "VAL", "TRVAL"), help="VTAB train800/val200/train800val200")
+    ap.add_argument("--expect-sizes", nargs=3, type=int, default=None,
+                    metavar=("TR", "VAL", "TRVAL"),
+                    help="VTAB only: train800/val200/train800val200 sizes (default 800 200 1000)")
     ap.add_argument("--no-decode", action="store_true", help="check existence only")
     a = ap.parse_args(argv)
+    bench = get_benchmark(a.benchmark)
     try:
-        if a.benchmark == "vtab":
-            rep = validate_vtab(a.root, a.tasks, SplitSizes(*a.expect_sizes),
-                                decode=not a.no_decode)
-        else:
-            rep = validate_fgvc(a.root, a.tasks, decode=not a.no_decode)
+        options = {"decode": not a.no_decode}
+        if a.expect_sizes is not None:
+            if not bench.sized_splits:
+                raise BenchmarkDataError(f"--expect-sizes applies to VTAB-1k only, not "
+                                         f"{a.benchmark}")
+            options["sizes"] = SplitSizes(*a.expect_sizes)
+        rep = bench.validate(a.root, a.tasks, **options)
     except BenchmarkDataError as e:
         print(f"error: {e}")
         return 2

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sds_vision.data.folder import DataError
+from sds_vision.data.listing import SplitListing
 
 __all__ = [
     "BenchmarkDataError", "VTabTask", "VTAB_TASKS", "VTAB_ALIASES", "VTAB_GROUPS",
     "SPLIT_FILES", "SPLIT_MODES", "resolve_task", "resolve_tasks",
     "read_split_lines", "check_vtab_root",
-    "load_vtab_split", "find_task_dir",
+    "load_vtab_split", "find_task_dir", "vtab_listing",
 ]
 
 
@@ -165,13 +166,9 @@ def check_vtab_root(root: Path) -> None:
             "use --benchmark fgvc")
 
 
-def load_vtab_split(root: str | Path, task: str | VTabTask, split: str,
-                    check_labels: bool = True) -> list[tuple[Path, int]]:
-    """Samples ``(absolute image path, label)`` of one split of one task.
-
-    Labels are the split file's integers (one mapping for all splits); with
-    ``check_labels`` a label >= the task's class count raises naming file and line.
-    """
+def vtab_listing(root: str | Path, task: str | VTabTask, split: str,
+                 check_labels: bool = True) -> SplitListing:
+    """One split as a ``SplitListing`` (``check_labels``: see ``load_vtab_split``)."""
     t = resolve_task(task) if isinstance(task, str) else task
     if split not in SPLIT_FILES:
         raise BenchmarkDataError(f"unknown VTAB split {split!r}; expected one of {SPLIT_FILES}")
@@ -184,5 +181,15 @@ def load_vtab_split(root: str | Path, task: str | VTabTask, split: str,
                 raise BenchmarkDataError(
                     f"{path}:{lineno}: label {lab} out of range for "
                     f"{t.name} ({t.num_classes} classes)")
-    return [(tdir / rel, lab) for _, rel, lab in rows]
+    return SplitListing(t.name, split, path, [lab for _, _, lab in rows], t.num_classes,
+                        lambda i: f"{path}:{rows[i][0]}", paths=[tdir / rel for _, rel, _ in rows])
 
+
+def load_vtab_split(root: str | Path, task: str | VTabTask, split: str,
+                    check_labels: bool = True) -> list[tuple[Path, int]]:
+    """Samples ``(absolute image path, label)`` of one split of one task.
+
+    Labels are the split file's integers (one mapping for all splits); with
+    ``check_labels`` a label >= the task's class count raises naming file and line.
+    """
+    return vtab_listing(root, task, split, check_labels).samples()
