@@ -32,7 +32,8 @@ MODES = tuple(dict.fromkeys(m for b in BENCHMARKS.values() for m in b.split_mode
 
 # The TrainConfig fields a protocol sets (plus ``rank``, which goes to the adapter).
 TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "accum_steps", "epochs", "sched",
-                "sched_per", "warmup_epochs", "warmup_lr", "warmup_prefix", "min_lr",
+                "sched_per", "warmup_epochs", "warmup_lr", "warmup_prefix", "sched_lag_epochs",
+                "min_lr",
                 "drop_last", "drop_path", "clip_grad", "label_smoothing")
 
 
@@ -161,6 +162,8 @@ VTAB = Protocol(
         "min_lr": Setting(1e-5, _NOAH_SCHED),
         "warmup_prefix": Setting(False, "timm CosineLRScheduler default (warmup_prefix=False), "
                                         "as NOAH / FacT / RepAdapter construct it"),
+        "sched_lag_epochs": Setting(1, f"{_NOAH_TRAIN} (lr_scheduler.step(epoch) after each "
+                                       "epoch: epoch e trains at the value for e - 1)"),
         "drop_last": Setting(True, f"{_NOAH_TRAIN} (train DataLoader drop_last=True)"),
         "drop_path": Setting(0.1, f"{_NOAH_TRAIN} (--drop-path default 0.1)"),
         "clip_grad": Setting(None, f"{_NOAH_TRAIN} (--clip-grad default None); FacT: none"),
@@ -199,6 +202,7 @@ FGVC = Protocol(
         "warmup_lr": Setting(1e-6, _VPETL_TRAIN),
         "min_lr": Setting(1e-5, _VPETL_TRAIN),
         "warmup_prefix": Setting(False, "timm CosineLRScheduler default, as V-PETL builds it"),
+        "sched_lag_epochs": Setting(1, f"{_VPETL_TRAIN}: stepped after each epoch"),
         "drop_last": Setting(False, f"{_VPETL}dataloader/loader.py (construct_train_loader: "
                                     "drop_last=False)"),
         "drop_path": Setting(0.1, f"{_VPETL_LR} (--dpr 0.1)"),
@@ -241,6 +245,7 @@ SDS_PAPER = Protocol(
         "warmup_lr": Setting(None, "no warm-up"),
         "min_lr": Setting(0.0, f"{_HF} (linear decay to 0)"),
         "warmup_prefix": Setting(True, "no warm-up (no effect)"),
+        "sched_lag_epochs": Setting(0, "per-step schedule (no effect)"),
         "drop_last": Setting(False, f"{_HF} (dataloader_drop_last=False)"),
         "drop_path": Setting(0.0, "transformers models/vit/modeling_vit.py (no stochastic depth)"),
         "clip_grad": Setting(1.0, f"{_HF} (max_grad_norm=1.0)"),

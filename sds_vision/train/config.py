@@ -57,7 +57,8 @@ class TrainConfig:
     `sched_per` "step" updates the lr every optimizer step, "epoch" once per epoch (timm's
     per-epoch schedulers, as the VTAB references use). `warmup_prefix=True` starts the decay
     after the warm-up; False lets the decay span all epochs, warm-up included (timm's and
-    the references' default).
+    the references' default). `sched_lag_epochs=1` trains epoch e at the per-epoch value of
+    e - 1 (the references call `scheduler.step(epoch)` after each epoch).
 
     Runtime (CUDA only; the CPU always trains in float32): `precision` "bf16" (autocast) or
     "fp32" (TF32 matmuls), `channels_last`, `compile` (torch.compile of the model). Run
@@ -82,6 +83,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float | None = None
     warmup_prefix: bool = True
+    sched_lag_epochs: int = 0
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     clip_grad: float | None = 1.0
@@ -113,7 +115,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_epochs", "eval_every", "save_every_steps", "num_workers"):
+        for name in ("warmup_epochs", "sched_lag_epochs", "eval_every", "save_every_steps",
+                     "num_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not self.lr > 0:

@@ -275,7 +275,7 @@ class Trainer:
                                 f"{self.state.step} ({run.last})")
         else:
             seed_everything(cfg.seed + 1_000_003 * info.rank)  # per-rank dropout streams
-        self.scheduler.step(self.state.epoch)
+        self.scheduler.step(schedule.epoch_position(cfg, self.state.epoch))
         self.scheduler.step_update(self.state.step)
         self._prepare_logs(resumed=mode == "resume")
         self.progress.write(self._describe())
@@ -419,7 +419,7 @@ class Trainer:
             st.best_top1, st.best_epoch = val["val_top1"], epoch + 1
         self.loss_sum.zero_()
         self.loss_count, st.step_in_epoch, st.epoch = 0, 0, epoch + 1
-        self.scheduler.step(st.epoch)
+        self.scheduler.step(schedule.epoch_position(cfg, st.epoch))
         if info.is_main:  # best.pt and metrics before last.pt: a crash in between re-runs them
             self.run_dir.write_epoch_metrics(st.history)
             if improved:

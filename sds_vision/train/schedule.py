@@ -2,7 +2,7 @@
 
 Both kinds step every optimizer update (`sched_per="step"`) or once per epoch
 (`sched_per="epoch"`, as the VTAB references do with timm's `CosineLRScheduler`):
-the engine calls `scheduler.step(epoch)` at the start of every epoch and
+the engine calls `scheduler.step(epoch_position(cfg, epoch))` at the start of every epoch and
 `scheduler.step_update(step)` after every update, and timm ignores the one that does
 not apply.
 """
@@ -35,6 +35,12 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return PolyLRScheduler(optimizer, power=1.0, **common)
 
 
+def epoch_position(cfg: TrainConfig, epoch: int) -> int:
+    """Where a per-epoch schedule stands while `epoch` (0-based) trains: `epoch`, or
+    `sched_lag_epochs` earlier (the references step it after each epoch)."""
+    return max(epoch - cfg.sched_lag_epochs, 0)
+
+
 def describe(cfg: TrainConfig) -> str:
     """One line, e.g. for `config.json` and the run's first message."""
     warmup = warmup_epochs_used(cfg)
@@ -42,4 +48,5 @@ def describe(cfg: TrainConfig) -> str:
     warm = f"{warmup} warm-up epoch(s) from {start}, " if warmup else "no warm-up, "
     return (f"{cfg.sched} to {cfg.min_lr:g}, {warm}"
             f"{'decay after warm-up' if cfg.warmup_prefix else 'decay spans all epochs'}, "
-            f"stepped per {cfg.sched_per}")
+            f"stepped per {cfg.sched_per}"
+            + (f", {cfg.sched_lag_epochs} epoch(s) late" if cfg.sched_lag_epochs else ""))
