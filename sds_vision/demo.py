@@ -127,7 +127,7 @@ def _run_demo(out, *, quick, cache_dir, tasks, methods, rank, epochs, seed, work
                                        pretrained=True, checkpoint_path=str(source),
                                        num_workers=workers, out_dir=str(out / task / method),
                                        overwrite=True)
-            final = finetune(cfg, data_root / task, augment=False)
+            final = finetune(cfg, data_root / task, aug="none")
             curves[task][method] = transfer.train_curve(out / task / method)
             row = {"task": task, "method": method, "trainable_params": final["params"]["trainable"],
                    "train_loss": final["train_loss"], "val_top1": final["val_top1"],
