@@ -41,7 +41,8 @@ PROFILES = {  # train/class, val/class, source epochs, target epochs (batch 32)
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny smoke version (about 20 s)")
+    p.add_argument("--quick", action="store_true",
+        help="tiny smoke version (under 30 s on a 2-core CPU, start-up included)")
     p.add_argument("--out", default="runs/demo",
         help="where runs, table and plot go (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,

@@ -257,3 +257,63 @@ def test_interrupted_message_without_a_run():
     resumed = build_parser().parse_args(["finetune", "--data", "d", "--out", "o", "--resume"])
     assert interrupted_message(resumed).endswith("in o, run the same command (same --out)")
 
+
+
+# --- one vocabulary: the sweep takes finetune's flag names --------------------------------
+
+def test_sweep_workers_flag_and_dry_run_checks_weights(tmp_path, capsys):
+    from benchmarks.vtab import run as sweep
+    from benchmarks.vtab.tiny import make_tiny_vtab
+    ap = sweep.build_parser()
+    base = ["--data-root", "d", "--out", "o"]
+    assert ap.parse_args([*base, "--workers", "3"]).num_workers == 3
+    assert ap.parse_args([*base, "--num-workers", "2"]).num_workers == 2  # old spelling
+    assert "--workers" in ap.format_help() and "--num-workers" not in ap.format_help()
+    assert ap.parse_args(base).pretrained is True  # like finetune: --no-pretrained to opt out
+    assert build_parser().parse_args(["finetune", "--data", "d"]).pretrained is True
+
+    data = make_tiny_vtab(tmp_path / "data", {"dtd": 3}, sizes=(8, 2, 6))
+    args = ["--data-root", str(data), "--out", str(tmp_path / "runs"), "--tasks", "dtd",
+            "--methods", "lora", "--seeds", "0", "--model", "test_vit", "--dry-run",
+            "--expect-sizes", "8", "2", "10", "--workers", "0"]
+    assert sweep.main([*args, "--checkpoint-path", str(tmp_path / "nope.safetensors")]) == 2
+    out = capsys.readouterr().out
+    assert "would run dtd lora seed 0" in out
+    assert f"weights: checkpoint_path '{tmp_path / 'nope.safetensors'}' does not exist" in out
+    assert sweep.main(args) == 2  # HF_HUB_OFFLINE=1 (conftest) and an empty cache
+    assert "weights: no pretrained weights for 'test_vit" in capsys.readouterr().out
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert sweep.main([*args, "--checkpoint-path", str(weights)]) == 0
+    assert "weights: found" in capsys.readouterr().out
+    assert sweep.main([*args, "--no-pretrained"]) == 0
+    assert "weights:" not in capsys.readouterr().out
+
+
+# --- the demo's loss plot: smoothed, raw kept ----------------------------------------------
+
+def test_ema_smoothing_matches_reference_and_plot_keeps_raw(tmp_path, monkeypatch):
+    from sds_vision import plotting
+    from sds_vision.train import plots
+    values = [4.0, 2.0, 3.0, 1.0]
+    w = 0.5
+    acc, ref = 0.0, []
+    for i, v in enumerate(values, 1):  # debiased EMA, written out
+        acc = w * acc + (1 - w) * v
+        ref.append(acc / (1 - w ** i))
+    assert plots.ema(values, w) == pytest.approx(ref)
+    assert plots.ema(values, 0.0) == values and plots.ema([2.0] * 5, 0.9) == pytest.approx([2.0] * 5)
+    assert plots.smoothing_weight(5) == 0.0 and plots.smoothing_weight(50) == pytest.approx(0.9)
+    assert plots.smoothing_weight(10_000) == 0.95
+
+    drawn = []
+    saved = plotting.save
+    monkeypatch.setattr(plotting, "save", lambda fig, path: (drawn.append(fig), saved(fig, path)))
+    pts = [(s, 2.0 + (-1) ** s) for s in range(1, 51)]  # a zig-zag around 2
+    plots.plot_comparison({"t": {"lora": pts, "sds_lora": pts[:40]}}, tmp_path / "c.png")
+    ax = drawn[0].axes[0]
+    raw, smooth = ax.lines[0], ax.lines[1]
+    assert list(raw.get_ydata()) == [p[1] for p in pts] and raw.get_alpha() < 0.5
+    assert max(smooth.get_ydata()[10:]) - min(smooth.get_ydata()[10:]) < 0.5  # zig-zag damped
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lora", "sds_lora"]
+    assert raw.get_color() == smooth.get_color() and (tmp_path / "c.png").stat().st_size > 5000
