@@ -92,6 +92,10 @@ def create_sds_model(name: str, *, num_classes: int, method: str = "sds_lora",
         checkpoint_path: local weights file; implies ``pretrained=True``.
         **kwargs: ``AdapterConfig`` fields (``rank=8``, ``targets=["q", "v"]``, ...) override
             ``adapter``; the rest go to ``timm.create_model`` (``img_size``, ``drop_path_rate``).
+            ``img_size`` is also recorded in ``model.pretrained_cfg["input_size"]``, so
+            ``timm.data.resolve_model_data_config(model)`` gives the size the model was
+            built for; architectures without that argument (CNNs) take any input size and
+            only get the record.
     """
     spec = get_method(method)
     timm_name = resolve_model_name(name)
