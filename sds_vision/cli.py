@@ -13,9 +13,19 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 from .config import AdapterConfig
+from .data.augmentation import (
+    AUG_PRESETS,
+    DEFAULT_AUG,
+    DEFAULT_CROP_SCALE,
+    check_aug,
+    parse_crop_scale,
+)
+from .data.folder import check_output_outside
 from .errors import UserError
 from .methods import METHODS
 from .train.config import PRECISIONS, SCHEDULES, TrainConfig
@@ -25,6 +35,27 @@ _T = TrainConfig()  # defaults of every training flag
 # Errors a user can fix: one line, no traceback. Everything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`sds-vision finetune: error: ...` and a pointer to
+    `--help`, not the usage dump) and negative numbers in exponent form (`--lr -1e-3`) read
+    as values, so that the value's own check answers instead of "expected one argument"."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern (-1, -.5) plus exponents; no flag here looks like a number
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+[eE][-+]?\d+$")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
+
+
+def _crop_scale(text: str) -> tuple[float, float]:
+    try:
+        return parse_crop_scale(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -69,10 +100,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
              "(default: %(default)s)")
     d.add_argument("--skip-corrupt", action="store_true",
         help="drop undecodable images instead of failing (strict by default)")
-    d.add_argument("--no-aug", action="store_true",
-        help="train without augmentation (resize + center crop only)")
+    d.add_argument("--aug", default=DEFAULT_AUG, choices=tuple(AUG_PRESETS),
+        help="training augmentation: " + "; ".join(f"{k} = {v}" for k, v in AUG_PRESETS.items())
+             + " (default: %(default)s)")
+    d.add_argument("--no-aug", dest="aug", action="store_const", const="none",
+        help="same as --aug none")
+    d.add_argument("--crop-scale", type=_crop_scale, default=None, metavar="MIN[,MAX]",
+        help="area range of --aug strong's random resized crop (default: "
+             f"{DEFAULT_CROP_SCALE[0]:g},{DEFAULT_CROP_SCALE[1]:g})")
     d.add_argument("--no-hflip", action="store_true",
-        help="no random horizontal flip (orientation-sensitive tasks)")
+        help="no random horizontal flip: for anything that is not mirror-symmetric (digits, "
+             "text, orientation-sensitive tasks)")
     d.add_argument("--workers", type=int, default=_T.num_workers,
         help="DataLoader worker processes, 0 = load in the main process (default: %(default)s)")
     m = p.add_argument_group("model")
@@ -86,9 +124,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
         help="input resolution (default: the model's); small values make tiny models run on CPU")
     m.add_argument("--drop-path", type=float, default=_T.drop_path,
         help="stochastic depth rate (default: %(default)s)")
-    m.add_argument("--pretrained", action="store_true",
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
         help="start from pretrained weights (Hugging Face cache or --checkpoint-path; never "
-             "downloads when offline)")
+             "downloads when offline); --no-pretrained trains from random weights, for smoke "
+             "tests (default: %(default)s)")
     m.add_argument("--checkpoint-path", default=None,
         help="local weights file (.safetensors/.pth/.npz) for the backbone; implies --pretrained")
     m.add_argument("--timm-arg", type=_kv, action="append", default=[], metavar="KEY=VALUE",
@@ -166,12 +205,15 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sds-vision", description=__doc__.split("\n")[0])
+    ap = Parser(prog="sds-vision", description=__doc__.split("\n")[0])
     ap.add_argument("--debug", action="store_true",
         help="show full tracebacks instead of one-line errors")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_finetune_args(sub.add_parser("finetune", help="fine-tune a timm model on an image folder",
-                                      description="Fine-tune a timm model on an image folder."))
+    _add_finetune_args(sub.add_parser(
+        "finetune", help="fine-tune a timm model on an image folder",
+        description="Fine-tune a timm model on an image folder. It starts from pretrained "
+                    "weights (--no-pretrained: random init) and trains with the 'light' "
+                    "augmentation (--aug)."))
     ev = sub.add_parser("evaluate", help="evaluate a finished run on a split of its data",
                         description="Evaluate a finished run on a split of its data (GPU when "
                                     "there is one); prints JSON metrics.")
@@ -213,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    if a.checkpoint_path and not a.pretrained:
+        raise UserError("--checkpoint-path and --no-pretrained exclude each other")
     return TrainConfig(
         model=a.model, method=a.method, adapter=adapter_from_args(a), epochs=a.epochs,
         batch_size=a.batch_size, accum_steps=a.accum_steps, drop_last=a.drop_last, lr=a.lr,
@@ -229,12 +273,15 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
+    cfg = config_from_args(a)
+    check_aug(a.aug, a.crop_scale)  # torch-free checks answer before the heavy imports
+    check_output_outside(a.data, a.out)
     from .diagnostics import GradientDiagnostics
     from .train.finetune import finetune
-    cfg = config_from_args(a)
     callbacks = [GradientDiagnostics(every=a.diagnostics_every)] if a.diagnostics_every > 0 else []
     final = finetune(cfg, a.data, val_ratio=a.val_ratio, skip_corrupt=a.skip_corrupt,
-                     augment=not a.no_aug, hflip=not a.no_hflip, callbacks=callbacks)
+                     aug=a.aug, hflip=not a.no_hflip, crop_scale=a.crop_scale,
+                     callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"val_top1 {final['val_top1']:.2f}  val_top5 {final['val_top5']:.2f}  "
               f"train_loss {final['train_loss']:.4f}  ({final['seconds']:.1f}s) -> {a.out}")
@@ -273,11 +320,21 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_peft_adapter, export_timm
-    from .train.finetune import load_run_model
+    from .train.finetune import load_run_model, run_data_config
     model, cfg, classes = load_run_model(a.run, a.weights, a.checkpoint_path)
-    out = (export_peft_adapter(model, a.out) if a.format == "peft"
-           else export_timm(model, a.out, classes))
+    if a.format == "peft":
+        out = export_peft_adapter(model, a.out)
+    else:
+        out = export_timm(model, a.out, classes, data_config=run_data_config(a.run, model, cfg))
     print(f"exported {cfg.model} ({cfg.method}, {len(classes)} classes) as {a.format} -> {out}")
+    if a.format == "timm":
+        print(f"load: timm.create_model('local-dir:{Path(out).resolve()}', pretrained=True); "
+              "preprocessing: timm.data.resolve_data_config(model=model)")
+    elif not cfg.pretrained:
+        print(f"note: the run trained on a randomly initialised {cfg.model} (no --pretrained), "
+              f"so the adapter only fits that exact base: rebuild it with torch.manual_seed("
+              f"{cfg.seed}) right before timm.create_model (see docs/finetuning.md), or export "
+              "--format timm, which holds every weight")
     return 0
 
 
@@ -294,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = argv[:1] == ["--debug"]
     rest = argv[1:] if debug else argv
+    args = None
     try:
         if rest[:1] == ["validate"]:  # its own parser, so `validate -h` shows its flags
             from .data.validate import main as validate_main
@@ -304,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 0
     except KeyboardInterrupt:
-        print("sds-vision: interrupted", file=sys.stderr)
+        print(interrupted_message(args), file=sys.stderr)
         return 130
     except USER_ERRORS as e:
         if debug:
@@ -312,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"sds-vision {rest[0] if rest else ''}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def interrupted_message(args: argparse.Namespace | None) -> str:
+    """What Ctrl-C prints: for `finetune`, how to continue the run."""
+    if args is None or getattr(args, "command", None) != "finetune":
+        return "sds-vision: interrupted"
+    again = "" if args.resume else " plus --resume"
+    return (f"sds-vision finetune: interrupted; to continue from the last checkpoint in "
+            f"{args.out}, run the same command{again} (same --out)")
 
 
 if __name__ == "__main__":

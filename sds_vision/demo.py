@@ -41,7 +41,8 @@ PROFILES = {  # train/class, val/class, source epochs, target epochs (batch 32)
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny smoke version (about 20 s)")
+    p.add_argument("--quick", action="store_true",
+        help="tiny smoke version (under 30 s on a 2-core CPU, start-up included)")
     p.add_argument("--out", default="runs/demo",
         help="where runs, table and plot go (default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
@@ -127,7 +128,7 @@ def _run_demo(out, *, quick, cache_dir, tasks, methods, rank, epochs, seed, work
                                        pretrained=True, checkpoint_path=str(source),
                                        num_workers=workers, out_dir=str(out / task / method),
                                        overwrite=True)
-            final = finetune(cfg, data_root / task, augment=False)
+            final = finetune(cfg, data_root / task, aug="none")
             curves[task][method] = transfer.train_curve(out / task / method)
             row = {"task": task, "method": method, "trainable_params": final["params"]["trainable"],
                    "train_loss": final["train_loss"], "val_top1": final["val_top1"],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
+import timm.data
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -15,6 +17,7 @@ from .fileio import atomic_write, atomic_write_json
 from .inject import merge_adapters
 from .methods import get_method
 from .methods.base import adapter_modules
+from .models import timm_args
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 TIMM_WEIGHTS_FILE = "model.safetensors"
@@ -56,16 +59,30 @@ def export_peft_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def export_timm(model: nn.Module, out_dir: str | os.PathLike, classes: list[str]) -> Path:
-    """Merge adapters and write ``model.safetensors`` + ``config.json`` (timm hub layout).
+# The data-config keys timm's `resolve_data_config` reads from a pretrained_cfg.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
-    Load with ``timm.create_model(name, num_classes=N, pretrained=True,
-    pretrained_cfg_overlay=dict(file=.../model.safetensors, num_classes=N), **model_args)``
-    or ``load_state_dict`` on ``timm.create_model(name, num_classes=N, **model_args)``.
-    The overlay needs ``num_classes=N``: without it timm compares N with the registered
-    cfg's class count and drops the trained head.
+
+def export_timm(model: nn.Module, out_dir: str | os.PathLike, classes: list[str],
+                data_config: Mapping[str, Any] | None = None) -> Path:
+    """Merge adapters and write ``model.safetensors`` + ``config.json`` (timm hub layout),
+    with the preprocessing the model was trained with.
+
+    The data config (input size, interpolation, crop_pct/crop_mode, mean, std; default
+    ``timm.data.resolve_model_data_config(model)``, which for ``create_sds_model`` models
+    has the size they were built for) goes into ``config.json``'s ``pretrained_cfg``. Load:
+
+    - ``timm.create_model("local-dir:<out_dir>", pretrained=True)``; then
+      ``timm.data.resolve_data_config(model=model)`` gives the trained preprocessing;
+    - or ``timm.create_model(**config["timm_create_model_kwargs"])`` (an absolute
+      ``pretrained_cfg_overlay`` file path, so it works from any folder; the overlay holds
+      ``num_classes``, without which timm drops the trained head, and the data config);
+    - or ``load_state_dict`` on ``timm.create_model(name, num_classes=N, **model_args)``,
+      with ``timm.data.resolve_data_config(pretrained_cfg=config["pretrained_cfg"])``.
     """
     sds = model_config(model)
+    dc = dict(data_config if data_config is not None
+              else timm.data.resolve_model_data_config(model))
     merged = merge_adapters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,21 +90,23 @@ def export_timm(model: nn.Module, out_dir: str | os.PathLike, classes: list[str]
           for k, v in merged.state_dict().items()}
     atomic_write(out / TIMM_WEIGHTS_FILE, lambda tmp: save_file(sd, tmp))
     arch = sds.model_name.split(".")[0]
-    pcfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
+    data = {k: list(dc[k]) if isinstance(dc[k], (tuple, list)) else dc[k]
+            for k in DATA_CONFIG_KEYS if dc.get(k) is not None}
+    pcfg = {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
             if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
             and k not in ("file", "url", "hf_hub_id", "source", "architecture", "tag")}
-    pcfg["num_classes"] = sds.num_classes
-    if sds.timm_kwargs.get("img_size"):
-        s = sds.timm_kwargs["img_size"]
-        pcfg["input_size"] = [3, *((s, s) if isinstance(s, int) else s)]
+    pcfg.update(data, num_classes=sds.num_classes)
+    model_args = timm_args(sds.model_name, sds.timm_kwargs)
     atomic_write_json(out / TIMM_CONFIG_FILE, {
         "architecture": arch, "model_name": sds.model_name, "num_classes": sds.num_classes,
-        "num_features": getattr(model, "num_features", None), "model_args": sds.timm_kwargs,
+        "num_features": getattr(model, "num_features", None), "model_args": model_args,
         "label_names": list(classes), "pretrained_cfg": pcfg,
         "timm_create_model_kwargs": {
             "model_name": sds.model_name, "num_classes": sds.num_classes, "pretrained": True,
-            "pretrained_cfg_overlay": {"file": TIMM_WEIGHTS_FILE, "num_classes": sds.num_classes},
-            **sds.timm_kwargs},
+            "pretrained_cfg_overlay": {"file": str((out / TIMM_WEIGHTS_FILE).resolve()),
+                                       "num_classes": sds.num_classes, **data},
+            **model_args},
         "exported_from": {"method": sds.method,
                           "rank": sds.adapter.rank if sds.adapter else None,
                           "library": "sds_vision"}})

@@ -10,6 +10,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
+import timm.data
+import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
@@ -90,6 +92,10 @@ def create_sds_model(name: str, *, num_classes: int, method: str = "sds_lora",
         checkpoint_path: local weights file; implies ``pretrained=True``.
         **kwargs: ``AdapterConfig`` fields (``rank=8``, ``targets=["q", "v"]``, ...) override
             ``adapter``; the rest go to ``timm.create_model`` (``img_size``, ``drop_path_rate``).
+            ``img_size`` is also recorded in ``model.pretrained_cfg["input_size"]``, so
+            ``timm.data.resolve_model_data_config(model)`` gives the size the model was
+            built for; architectures without that argument (CNNs) take any input size and
+            only get the record.
     """
     spec = get_method(method)
     timm_name = resolve_model_name(name)
@@ -140,14 +146,134 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def _create_timm(timm_name: str, num_classes: int, pretrained: bool,
                  checkpoint_path, timm_kwargs: dict) -> nn.Module:
+    kwargs = timm_args(timm_name, timm_kwargs)
     try:
-        return _create_timm_unchecked(timm_name, num_classes, pretrained, checkpoint_path,
-                                      timm_kwargs)
+        model = _create_timm_unchecked(timm_name, num_classes, pretrained, checkpoint_path,
+                                       kwargs)
     except TypeError as e:  # a model argument the architecture does not take (a user typo)
         if "unexpected keyword argument" not in str(e):
             raise
-        raise UserError(f"{timm_name}: {e} (check --timm-arg / --img-size / model arguments)") \
-            from None
+        raise UserError(f"{timm_name}: {e} (check --timm-arg / model arguments)") from None
+    _set_input_size(model, timm_kwargs.get("img_size"))
+    return model
+
+
+def timm_args(timm_name: str, timm_kwargs: dict) -> dict:
+    """The ``timm.create_model`` arguments for ``timm_kwargs``: ``img_size`` is dropped for
+    architectures without that argument (CNNs such as ResNet and ConvNeXt take any input
+    size; there it only sets the data resolution, through ``pretrained_cfg``)."""
+    if "img_size" not in timm_kwargs or takes_img_size(timm_name):
+        return dict(timm_kwargs)
+    return {k: v for k, v in timm_kwargs.items() if k != "img_size"}
+
+
+def takes_img_size(timm_name: str) -> bool:
+    """Whether the architecture's constructor has an ``img_size`` argument (ViT, Swin, ...)."""
+    arch = timm_name.split(".")[0]
+    if arch not in _TAKES_IMG_SIZE:
+        try:
+            with torch.device("meta"):  # no memory, no init cost
+                timm.create_model(arch, pretrained=False, img_size=224)
+            _TAKES_IMG_SIZE[arch] = True
+        except TypeError as e:
+            if "'img_size'" not in str(e):
+                raise
+            _TAKES_IMG_SIZE[arch] = False
+    return _TAKES_IMG_SIZE[arch]
+
+
+_TAKES_IMG_SIZE: dict[str, bool] = {}
+
+
+def _set_input_size(model: nn.Module, img_size) -> None:
+    """Record the input size the model was built for in its ``pretrained_cfg`` (timm keeps
+    the registered one, e.g. 224, even for ``img_size=32``), so that
+    ``timm.data.resolve_model_data_config(model)`` and exports give the trained size."""
+    if not img_size:
+        return
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg["input_size"] = (3, int(h), int(w))
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # timm's older alias
+
+
+def check_model(name: str, method: str, *, img_size: int | None = None,
+                timm_kwargs: dict | None = None) -> str:
+    """Everything about a model request that can fail, checked before any weights, data or
+    folders: the name, the family (for low-rank methods), the model arguments and the
+    input size (a forward pass on the meta device: no memory, no compute).
+
+    Returns:
+        The resolved timm name.
+
+    Raises:
+        UserError: one line naming the model and what is wrong with the request.
+    """
+    spec = get_method(method)
+    timm_name = resolve_model_name(name)
+    kwargs = dict(timm_kwargs or {})
+    if img_size:
+        kwargs["img_size"] = img_size
+    if spec.low_rank:  # the family first: its message is the useful one for e.g. ResNet
+        bare = _meta_model(timm_name, {})
+        if bare is not None:
+            family_targets(bare)
+    model = _meta_model(timm_name, timm_args(timm_name, kwargs))
+    if model is None:  # the architecture cannot be built on the meta device: no check
+        return timm_name
+    _set_input_size(model, img_size)
+    _, h, w = timm.data.resolve_model_data_config(model)["input_size"]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if h % ph or w % pw:
+            lo = max(ph, h // ph * ph)
+            raise UserError(f"img_size {h}x{w} (--img-size) is not a multiple of {timm_name}'s "
+                            f"patch size {ph}x{pw}; use e.g. {lo} or {lo + ph}")
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, 3, h, w, device="meta"))
+    except (AssertionError, ValueError, RuntimeError) as e:
+        if "meta" not in str(e).lower():
+            raise UserError(f"{timm_name} cannot take {h}x{w} inputs (--img-size): "
+                            f"{' '.join(str(e).split())}") from None
+    return timm_name
+
+
+def _meta_model(timm_name: str, kwargs: dict) -> nn.Module | None:
+    """The architecture on the meta device; None if it needs real tensors to initialise."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(timm_name.split(".")[0], pretrained=False, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"{timm_name}: {e} (check --timm-arg / model arguments)") from None
+    except (AssertionError, ValueError, RuntimeError, NotImplementedError) as e:
+        if "meta" in str(e).lower() or isinstance(e, NotImplementedError):
+            return None
+        raise UserError(f"{timm_name} cannot be built with {kwargs}: "
+                        f"{' '.join(str(e).split())}") from None
+
+
+def weights_problem(timm_name: str, checkpoint_path: str | os.PathLike | None = None
+                    ) -> str | None:
+    """Why pretrained weights for ``timm_name`` cannot be loaded here, or None if they can
+    (a local file that exists, the Hugging Face cache, or a reachable hub)."""
+    if checkpoint_path is not None:
+        if not Path(checkpoint_path).is_file():
+            return f"checkpoint_path {str(checkpoint_path)!r} does not exist"
+        return None
+    if _hub_weights_available(timm_name):
+        return None
+    return (f"no pretrained weights for {timm_name!r}: not in the Hugging Face cache "
+            f"({_hf_cache_dir()}) and the hub is unreachable or HF_HUB_OFFLINE=1. Give a local "
+            f"file with checkpoint_path=... (--checkpoint-path), download it once on a "
+            f"machine with network (HF_HOME=... python -c \"import timm; "
+            f"timm.create_model('{timm_name}', pretrained=True)\") and copy the cache here, "
+            f"or train from random weights (--no-pretrained)")
 
 
 def _create_timm_unchecked(timm_name: str, num_classes: int, pretrained: bool,
@@ -155,22 +281,16 @@ def _create_timm_unchecked(timm_name: str, num_classes: int, pretrained: bool,
     kwargs = dict(num_classes=num_classes, **timm_kwargs)
     if not pretrained:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
+    problem = weights_problem(timm_name, checkpoint_path)
+    if problem:
+        raise UserError(problem)
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
-        if not path.is_file():
-            raise UserError(f"checkpoint_path {str(path)!r} does not exist")
         overlay = dict(file=str(path))
         if path.suffix == ".npz":  # Google's original ViT checkpoints (VTAB's ViT-B_16.npz)
             overlay["custom_load"] = True
         return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay,
                                  **kwargs)
-    if not _hub_weights_available(timm_name):
-        raise UserError(
-            f"no pretrained weights for {timm_name!r}: not in the Hugging Face cache "
-            f"({_hf_cache_dir()}) and the hub is unreachable or HF_HUB_OFFLINE=1. Give a local "
-            f"file with checkpoint_path=... (--checkpoint-path), or download it once on a "
-            f"machine with network (HF_HOME=... python -c \"import timm; "
-            f"timm.create_model('{timm_name}', pretrained=True)\") and copy the cache here")
     try:
         return timm.create_model(timm_name, pretrained=True, **kwargs)
     except OSError as e:  # LocalEntryNotFoundError and network errors

@@ -76,7 +76,7 @@ def pretrain_source(data_root: Path, cache: Path, *, epochs: int, seed: int, n_t
     cfg = base_config(method="full", epochs=epochs, seed=seed, num_workers=workers,
                       out_dir=str(Path(cache) / f"source_run_{tag}"), overwrite=True,
                       **SOURCE_TRAIN)
-    final = finetune(cfg, Path(data_root) / SOURCE_TASK, augment=False, hflip=False,
+    final = finetune(cfg, Path(data_root) / SOURCE_TASK, aug="none", hflip=False,
                      callbacks=[_KeepModel(ckpt)])
     ncls = len(RunDir(cfg.out_dir).read_json(CLASSES))
     meta = {"task": SOURCE_TASK, "val_top1": final["val_top1"], "train_loss": final["train_loss"],
@@ -95,7 +95,7 @@ def train_curve(run_dir: str | Path) -> list[tuple[int, float]]:
 
 class PreprocessedImages(Dataset):
     """An image-folder split decoded and preprocessed ONCE with ``finetune``'s evaluation
-    transform (what ``finetune(augment=False)`` feeds every epoch), held as one tensor:
+    transform (what ``finetune(aug="none")`` feeds every epoch), held as one tensor:
     many short runs on the same small task skip the per-epoch decoding."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform):

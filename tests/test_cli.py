@@ -18,8 +18,8 @@ from sds_vision.cli import build_parser, main
 from sds_vision.data import generate_task
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "test_vit", "--img-size", "32", "--rank", "4", "--batch-size", "8",
-        "--workers", "0", "--lr", "3e-3", "--no-progress"]
+TINY = ["--model", "test_vit", "--no-pretrained", "--img-size", "32", "--rank", "4",
+        "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_every_flag_has_help():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
     finetune = subs.choices["finetune"].format_help()
     for flag in ("--img-size", "--batch-size", "--lr", "--seed", "--resume", "--overwrite",
-                 "--pretrained", "--checkpoint-path", "--no-aug", "--skip-corrupt", "--val-ratio",
+                 "--pretrained", "--no-pretrained", "--checkpoint-path", "--aug", "--crop-scale",
+                 "--no-aug", "--no-hflip", "--threads", "--skip-corrupt", "--val-ratio",
                  "--workers", "--targets", "--alpha", "--basis", "--label-smoothing",
                  "--warmup-epochs", "--weight-decay"):
         assert flag in finetune
@@ -87,9 +88,7 @@ def test_finetune_evaluate_predict_export(shapes, tmp_path, capsys):
     assert rc == 0
     meta = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert meta["num_classes"] == 4 and meta["label_names"][0] == "circle"
-    kw = meta["timm_create_model_kwargs"]
-    kw["pretrained_cfg_overlay"]["file"] = str(tmp_path / "exp" / "model.safetensors")
-    plain = timm.create_model(**kw).eval()
+    plain = timm.create_model(**meta["timm_create_model_kwargs"]).eval()  # absolute file path
     adapted, _, _ = load_run_model(run)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), adapted(x), atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ from sds_vision.data import (
     build_transform,
     load_image_rgb,
 )
+from sds_vision.data.augmentation import parse_crop_scale
 
 # What timm.data.resolve_model_data_config returns for a ViT, at 32 px.
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -73,7 +74,7 @@ def test_eval_non_square_squash_and_large_crop_pct():
 
 def test_no_aug_train_equals_eval():
     img = _noise()
-    a = build_transform(CFG, train=True, augment=False)(img)
+    a = build_transform(CFG, train=True, aug="none")(img)
     torch.testing.assert_close(a, build_transform(CFG, train=False)(img), rtol=0, atol=0)
 
 
@@ -96,17 +97,71 @@ def test_train_random_but_seeded():
     assert torch.equal(tf(img), first)
 
 
-def test_train_options_change_the_pipeline():
-    names = lambda tf: [type(t).__name__ for t in tf.compose.transforms]  # noqa: E731
-    assert names(build_transform(CFG, True)) == ["RandomResizedCrop", "HorizontalFlip",
-                                                 "Normalize"]
-    assert names(build_transform(CFG, True, hflip=False, color_jitter=0.4)) == [
-        "RandomResizedCrop", "ColorJitter", "Normalize"]
-    # scale=(1, 1) + square input + square ratio range leaves only the flip as randomness
-    tf = build_transform(CFG, True, scale=(1.0, 1.0), hflip=False)
+def _names(tf) -> list[str]:
+    return [type(t).__name__ for t in tf.compose.transforms]
+
+
+def test_presets_build_the_documented_pipelines():
+    assert _names(build_transform(CFG, True)) == ["SmallestMaxSize", "RandomCrop",
+                                                  "HorizontalFlip", "Normalize"]  # light
+    assert _names(build_transform(CFG, True, aug="strong")) == ["RandomResizedCrop",
+                                                                "HorizontalFlip", "Normalize"]
+    assert _names(build_transform(CFG, True, aug="none")) == _names(build_transform(CFG, False))
+    assert _names(build_transform(CFG, True, hflip=False, color_jitter=0.4)) == [
+        "SmallestMaxSize", "RandomCrop", "ColorJitter", "Normalize"]
+    light = build_transform(CFG, True)
+    assert light.aug == "light" and light.augment and not build_transform(CFG, False).augment
+    assert light.describe() == ("resize shorter side to 35 (bicubic) -> random crop 32x32 -> "
+                                "horizontal flip p=0.5 -> normalize (mean (0.485, 0.456, 0.406),"
+                                " std (0.229, 0.224, 0.225))")
+    strong = build_transform(CFG, True, aug="strong", crop_scale=(0.5, 0.9), hflip=False)
+    assert strong.describe().startswith("random resized crop 32x32 (area 0.5-0.9, bicubic) -> "
+                                        "normalize")
+    assert strong.compose.transforms[0].scale == (0.5, 0.9)
+    assert build_transform(CFG, True, aug="strong").compose.transforms[0].scale == (0.08, 1.0)
+
+
+def test_light_is_a_random_crop_of_the_eval_resize():
+    img = _noise(50, 70)
+    # eval resize: shorter side 35 -> 35x49; light takes any 32x32 window of it, maybe flipped
+    ref = cv2.resize(img, (49, 35), interpolation=cv2.INTER_CUBIC)
+    windows = {(y, x, flip): _normalise(ref[y:y + 32, x:x + 32][:, ::-1].copy() if flip
+                                        else ref[y:y + 32, x:x + 32])
+               for y in range(4) for x in range(18) for flip in (False, True)}
+    tf = build_transform(CFG, True, seed=0)
+    seen = set()
+    for _ in range(40):
+        out = tf(img)
+        match = [k for k, w in windows.items() if torch.allclose(out, w, rtol=0, atol=1e-5)]
+        assert len(match) >= 1
+        seen.update(match)
+    assert len(seen) > 10 and {k[2] for k in seen} == {False, True}
+    no_flip = build_transform(CFG, True, hflip=False, seed=0)
+    for out in (no_flip(img) for _ in range(10)):
+        assert any(torch.allclose(out, w, rtol=0, atol=1e-5)
+                   for k, w in windows.items() if not k[2])
+
+
+def test_strong_full_scale_square_crop_is_the_identity():
+    # crop_scale (1, 1) + square input + square ratio range leaves only the flip as randomness
+    tf = build_transform(CFG, True, aug="strong", crop_scale=(1.0, 1.0), hflip=False)
     tf.compose.transforms[0].ratio = (1.0, 1.0)
     img = _noise(32, 32)
     torch.testing.assert_close(tf(img), _normalise(img), rtol=0, atol=1e-5)
+
+
+def test_preset_errors():
+    with pytest.raises(DataError, match=r"^augmentation 'heavy': unknown, expected one of none, "
+                                        r"light, strong$"):
+        build_transform(CFG, train=True, aug="heavy")
+    with pytest.raises(DataError, match=r"applies to augmentation 'strong' only"):
+        build_transform(CFG, train=True, aug="light", crop_scale=(0.5, 1.0))
+    with pytest.raises(DataError, match=r"^crop scale \(0.5, 0.2\): need 0 < min <= max <= 1"):
+        build_transform(CFG, train=True, aug="strong", crop_scale=(0.5, 0.2))
+    assert parse_crop_scale("0.3") == (0.3, 1.0) and parse_crop_scale("0.2, 0.6") == (0.2, 0.6)
+    for bad in ("a", "0.1,0.2,0.3"):
+        with pytest.raises(DataError, match="crop scale"):
+            parse_crop_scale(bad)
 
 
 def test_config_and_input_errors():
@@ -118,8 +173,6 @@ def test_config_and_input_errors():
         build_transform(dict(CFG, input_size=(32, 32)), train=False)
     with pytest.raises(DataError, match=r"crop_mode.*'border'"):
         build_transform(dict(CFG, crop_mode="border"), train=False)
-    with pytest.raises(DataError, match=r"^scale="):
-        build_transform(CFG, train=True, scale=(0.5, 0.2))
     with pytest.raises(DataError, match=r"^image: expected an HxWx3 uint8"):
         build_transform(CFG, train=False)(np.zeros((8, 8), np.uint8))
 
@@ -151,7 +204,8 @@ def _epoch(ds, seed):
 
 
 def test_workers_get_distinct_reproducible_augmentations(folder):
-    ds = TransformedDataset(folder.train, build_transform(CFG, train=True, seed=0))
+    # strong: enough distinct crops that six samples never collide by chance
+    ds = TransformedDataset(folder.train, build_transform(CFG, train=True, aug="strong", seed=0))
     out = _epoch(ds, seed=1)
     # Samples 0 and 1 go to different workers; without reseeding both replay seed 0.
     assert not torch.equal(out[0], out[1])

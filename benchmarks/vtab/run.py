@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--img-size", type=int, default=224, help="input size (protocol: 224)")
     # speed / environment (not part of the result)
     a("--eval-batch-size", type=int, default=None, help="eval batch (default 512 on GPU, 128 CPU)")
-    a("--num-workers", type=int, default=None, help="DataLoader workers per run")
+    a("--workers", dest="num_workers", type=int, default=None,
+      help="DataLoader workers per run (default: 0 on CPU, up to 8 per GPU)")
+    a("--num-workers", dest="num_workers", type=int, default=None, help=argparse.SUPPRESS)
     a("--gpus", type=int, default=None,
       help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process)")
     a("--cache-dir", default=None, help="decoded uint8 split cache (default <out>/.cache)")
@@ -311,6 +313,12 @@ def run_sweep(args) -> int:
         for p in todo:
             print(f"  would run {p.task} {p.method} seed {p.seed} -> "
                   f"{run_dir(args.out, args.mode, p.task, p.method, p.seed)}")
+        if args.pretrained:  # the weights every run will load: say now if they are missing
+            from sds_vision.models import weights_problem
+            problem = weights_problem(resolve_model_name(args.model), args.checkpoint_path)
+            print(f"weights: {problem or 'found'}", flush=True)
+            if problem:
+                return 2
         return 0
     import torch
     gpus = args.gpus if args.gpus is not None else max(torch.cuda.device_count(), 1)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 
-__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderSplits", "load_image_rgb"]
+__all__ = ["DataError", "IMG_EXTENSIONS", "ImageFolderSplits", "check_output_outside",
+           "load_image_rgb"]
 
 IMG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 SPLIT_DIRS = ("train", "val", "test")
@@ -36,6 +37,19 @@ Sample = tuple[Path, int]
 
 class DataError(UserError):
     """A data root, image or argument is unusable; the message is one line naming it."""
+
+
+def check_output_outside(data: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Refuse an output folder inside the data folder (its files would turn into a class
+    folder of the next scan) and a data folder inside the output folder (``--overwrite``
+    or a cleanup would reach the data). Reads nothing, creates nothing."""
+    d, o = Path(data).resolve(), Path(out).resolve()
+    if o == d or d in o.parents:
+        raise DataError(f"--out {out} is inside --data {data}: the run's files would become "
+                        "part of the data; put the run folder elsewhere")
+    if o in d.parents:
+        raise DataError(f"--data {data} is inside --out {out}: pick a run folder that does "
+                        "not contain the data")
 
 
 def load_image_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from sds_vision.data.augmentation import DEFAULT_AUG, check_aug
 from sds_vision.data.folder import DataError, load_image_rgb
 
 __all__ = ["ImageTransform", "TransformedDataset", "build_transform", "cv2_interpolation"]
@@ -57,13 +58,21 @@ class ImageTransform:
     """``np.ndarray`` HxWx3 uint8 -> normalised ``torch.float32`` tensor 3xHxW.
 
     A thin callable around ``A.Compose`` that checks its input, converts to CHW and
-    exposes ``set_random_seed`` for per-worker reseeding.
+    exposes ``set_random_seed`` for per-worker reseeding. ``aug`` is the preset
+    (``none`` for every eval pipeline) and ``describe()`` the pipeline in words.
     """
 
-    def __init__(self, compose: A.Compose, train: bool, augment: bool) -> None:
+    def __init__(self, compose: A.Compose, train: bool, aug: str,
+                 steps: Sequence[str] = ()) -> None:
         self.compose = compose
         self.train = train
-        self.augment = train and augment
+        self.aug = aug if train else "none"
+        self.steps = list(steps)
+
+    @property
+    def augment(self) -> bool:
+        """True when the pipeline is random (a training preset other than ``none``)."""
+        return self.aug != "none"
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8
@@ -78,30 +87,40 @@ class ImageTransform:
         """Reset the augmentation generator (a no-op for deterministic eval pipelines)."""
         self.compose.set_random_seed(seed)
 
+    def describe(self) -> str:
+        """The steps in order, e.g. ``resize shorter side to 35 (bicubic) -> random crop
+        32x32 -> horizontal flip p=0.5 -> normalize``."""
+        return " -> ".join(self.steps)
+
     def __repr__(self) -> str:
         names = ", ".join(type(t).__name__ for t in self.compose.transforms)
-        return f"ImageTransform(train={self.train}, augment={self.augment}, [{names}])"
+        return f"ImageTransform(train={self.train}, aug={self.aug!r}, [{names}])"
 
 
-def build_transform(data_config: Mapping[str, Any], train: bool, augment: bool = True,
-                    hflip: bool = True, scale: tuple[float, float] = (0.08, 1.0),
+def build_transform(data_config: Mapping[str, Any], train: bool, aug: str = DEFAULT_AUG,
+                    hflip: bool = True, crop_scale: tuple[float, float] | None = None,
                     color_jitter: float = 0.0, seed: int | None = None) -> ImageTransform:
     """Build the train or eval transform for a timm model's data config.
 
-    Train with ``augment``: RandomResizedCrop(H, W, scale) -> HorizontalFlip (if
-    ``hflip``) -> ColorJitter (if ``color_jitter`` > 0) -> Normalize. Eval, and train
-    with ``augment=False`` (the ``--no-aug`` protocol): resize so the image covers
+    Eval (and train with ``aug="none"``): resize so the image covers
     ``floor(H / crop_pct) x floor(W / crop_pct)`` keeping aspect ratio (shorter side for
-    square inputs, like timm) -> CenterCrop(H, W) -> Normalize.
+    square inputs, like timm; ``crop_mode="squash"`` resizes to exactly that) ->
+    CenterCrop(H, W) -> Normalize. Train presets (``data/augmentation.py``):
+
+    - ``light`` (default): the eval resize -> RandomCrop(H, W) -> HorizontalFlip;
+    - ``strong``: RandomResizedCrop(H, W, scale=crop_scale or (0.08, 1)) -> HorizontalFlip;
+
+    each followed by ColorJitter when ``color_jitter`` > 0, then Normalize.
 
     Args:
         data_config: ``timm.data.resolve_model_data_config(model)``: ``input_size``
             (3, H, W), ``interpolation``, ``mean``, ``std``, ``crop_pct`` and optionally
             ``crop_mode`` ('center' or 'squash').
         train: Training pipeline (random) or evaluation pipeline (deterministic).
-        augment: With ``train``, apply random augmentation; False gives the eval pipeline.
-        hflip: Random horizontal flip (turn off for orientation-sensitive tasks).
-        scale: RandomResizedCrop area range.
+        aug: Training preset, ``none``, ``light`` or ``strong``; ignored for eval.
+        hflip: Random horizontal flip in ``light``/``strong`` (turn off for anything that
+            is not mirror-symmetric: digits, text, orientation-sensitive tasks).
+        crop_scale: RandomResizedCrop area range of ``strong`` (only valid with it).
         color_jitter: Brightness/contrast/saturation strength (timm convention); 0 = off.
         seed: Augmentation seed; None = ``torch.initial_seed()``.
 
@@ -109,31 +128,50 @@ def build_transform(data_config: Mapping[str, Any], train: bool, augment: bool =
         ImageTransform: callable HxWx3 uint8 array -> float32 tensor 3xHxW.
     """
     height, width, interp, mean, std, crop_pct, crop_mode = _read_config(data_config)
-    if train and augment:
-        lo, hi = scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise DataError(f"scale={scale!r}: need 0 < min <= max <= 1")
-        steps: list[Any] = [A.RandomResizedCrop(size=(height, width), scale=(lo, hi),
-                                                interpolation=interp)]
-        if hflip:
-            steps.append(A.HorizontalFlip(p=0.5))
-        if color_jitter < 0:
-            raise DataError(f"color_jitter={color_jitter!r}: must be >= 0")
-        if color_jitter > 0:
-            steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter,
-                                       saturation=color_jitter, hue=0.0, p=1.0))
+    lo, hi = check_aug(aug, crop_scale)
+    if color_jitter < 0:
+        raise DataError(f"color_jitter={color_jitter!r}: must be >= 0")
+    interp_name = _interp_name(data_config)
+    scale_h, scale_w = (int(height / crop_pct), int(width / crop_pct))
+    if crop_mode == "squash":
+        resize = (A.Resize(scale_h, scale_w, interpolation=interp),
+                  f"resize to {scale_h}x{scale_w} ({interp_name})")
     else:
-        scale_h, scale_w = (int(height / crop_pct), int(width / crop_pct))
-        if crop_mode == "squash":
-            resize = A.Resize(scale_h, scale_w, interpolation=interp)
-        else:
-            resize = A.SmallestMaxSize(max_size_hw=(scale_h, scale_w), interpolation=interp)
+        side = f"{scale_h}" if scale_h == scale_w else f"cover {scale_h}x{scale_w}"
+        resize = (A.SmallestMaxSize(max_size_hw=(scale_h, scale_w), interpolation=interp),
+                  f"resize shorter side to {side} ({interp_name})")
+    if not train or aug == "none":
         # pad_if_needed guards crop_pct > 1 and off-by-one rounding in the resize.
-        steps = [resize, A.CenterCrop(height, width, pad_if_needed=True)]
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
+        steps = [resize, (A.CenterCrop(height, width, pad_if_needed=True),
+                          f"center crop {height}x{width}")]
+    elif aug == "light":
+        steps = [resize, (A.RandomCrop(height, width, pad_if_needed=True),
+                          f"random crop {height}x{width}")]
+    else:  # strong
+        steps = [(A.RandomResizedCrop(size=(height, width), scale=(lo, hi), interpolation=interp),
+                  f"random resized crop {height}x{width} (area {lo:g}-{hi:g}, {interp_name})")]
+    if train and aug != "none":
+        if hflip:
+            steps.append((A.HorizontalFlip(p=0.5), "horizontal flip p=0.5"))
+        if color_jitter > 0:
+            steps.append((A.ColorJitter(brightness=color_jitter, contrast=color_jitter,
+                                        saturation=color_jitter, hue=0.0, p=1.0),
+                          f"color jitter {color_jitter:g}"))
+    steps.append((A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+                  f"normalize (mean {_fmt(mean)}, std {_fmt(std)})"))
     if seed is None:
         seed = torch.initial_seed() % 2**32
-    return ImageTransform(A.Compose(steps, seed=seed), train=train, augment=augment)
+    return ImageTransform(A.Compose([t for t, _ in steps], seed=seed), train=train, aug=aug,
+                          steps=[d for _, d in steps])
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def _interp_name(cfg: Mapping[str, Any]) -> str:
+    name = (cfg.get("interpolation") or "bilinear").lower()
+    return "bicubic" if name == "random" else name
 
 
 def _read_config(cfg: Mapping[str, Any]) -> tuple:

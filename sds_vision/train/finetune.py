@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import timm.data
@@ -11,10 +12,13 @@ import torch.nn as nn
 
 from ..adapter_io import load_adapter
 from ..data import IMG_EXTENSIONS, DataError, ImageFolderSplits, load_image_rgb
+from ..data.augmentation import DEFAULT_AUG, check_aug
+from ..data.folder import check_output_outside
 from ..data.transforms import TransformedDataset, build_transform
 from ..fileio import atomic_write_json
-from ..models import resolve_model_name
+from ..models import check_model, resolve_model_name, weights_problem
 from . import checkpoint as ckpt_io
+from .callbacks import Callback
 from .config import TrainConfig, TrainError, config_diff
 from .engine import build_model, fit
 from .metrics import evaluate
@@ -22,8 +26,8 @@ from .rundir import CLASSES, DATA, RunDir
 
 
 def data_config(model, img_size: int | None = None) -> dict:
-    """timm's data config, with the input size the model was built for: a model created
-    with `img_size=` keeps its pretrained cfg's input size (e.g. 224) otherwise."""
+    """timm's data config with the input size the model was built for (models from
+    `create_sds_model` record it in their `pretrained_cfg`; `img_size` overrides)."""
     dc = dict(timm.data.resolve_model_data_config(model))
     size = img_size or getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size:
@@ -32,19 +36,59 @@ def data_config(model, img_size: int | None = None) -> dict:
     return dc
 
 
+def run_data_config(run_dir: str | os.PathLike, model, cfg: TrainConfig) -> dict:
+    """The data config a run trained with: data.json's, else the model's at `cfg.img_size`."""
+    run = RunDir(run_dir)
+    saved = run.read_json(DATA).get("data_config") if (run / DATA).is_file() else None
+    return dict(saved) if saved else data_config(model, cfg.img_size)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _WriteDataFiles(Callback):
+    """Writes classes.json and data.json once the engine holds the run folder's lock, so
+    that a second process on the same folder cannot overwrite them before it fails."""
+
+    def __init__(self, run: RunDir, classes: list[str], meta: dict) -> None:
+        self.run, self.classes, self.meta = run, classes, meta
+
+    def on_train_start(self, ctx) -> None:
+        if ctx.is_main:
+            atomic_write_json(self.run / CLASSES, self.classes)
+            atomic_write_json(self.run / DATA, self.meta)
+
+
 def finetune(cfg: TrainConfig, data: str | os.PathLike, *, val_ratio: float = 0.2,
-             skip_corrupt: bool = False, augment: bool = True, hflip: bool = True,
-             callbacks=()) -> dict:
-    """Fine-tune `cfg.model` on an image folder; the run dir also gets classes.json/data.json."""
-    resolve_model_name(cfg.model)  # unknown model: fail before scanning any data
+             skip_corrupt: bool = False, aug: str = DEFAULT_AUG, hflip: bool = True,
+             crop_scale: tuple[float, float] | None = None, callbacks=()) -> dict:
+    """Fine-tune `cfg.model` on an image folder; the run dir also gets classes.json/data.json.
+
+    Args:
+        cfg: the run's settings (`out_dir`, model, method, optimisation, ...).
+        data: image folder, `DIR/<class>/*` or `DIR/train|val[|test]/<class>/*`.
+        val_ratio: fraction of each class held out when `data` has no `val/`.
+        skip_corrupt: drop undecodable images instead of failing.
+        aug: training augmentation preset, `none`, `light` (default) or `strong`
+            (`sds_vision.data.augmentation`); recorded in data.json with the pipeline.
+        hflip: random horizontal flips in `light`/`strong`.
+        crop_scale: area range of the `strong` preset's random resized crop.
+        callbacks: engine callbacks.
+
+    Everything that can be checked cheaply (model, family, input size, paths, the data
+    folder) is checked before anything is written; the run folder's files are written
+    under the engine's lock.
+    """
+    crop = check_aug(aug, crop_scale)
+    check_model(cfg.model, cfg.method, img_size=cfg.img_size,
+                timm_kwargs=cfg.extra_timm_kwargs)  # fail before scanning any data
+    check_output_outside(data, cfg.out_dir)
     run = RunDir(cfg.out_dir)
     mode = run.check(cfg.resume, cfg.overwrite)
     data_meta = {"data": str(Path(data).resolve()), "val_ratio": val_ratio,
-                 "skip_corrupt": skip_corrupt, "augment": augment, "hflip": hflip}
+                 "skip_corrupt": skip_corrupt, "aug": aug, "hflip": hflip,
+                 "crop_scale": list(crop) if aug == "strong" else None}
     classes = None
     if mode in ("resume", "finished") and (run / DATA).is_file():
         saved = run.read_json(DATA)
@@ -53,23 +97,29 @@ def finetune(cfg: TrainConfig, data: str | os.PathLike, *, val_ratio: float = 0.
         if diff:
             raise TrainError(f"--resume with different data settings than the run in {run.path}: "
                              + "; ".join(diff))
+    if cfg.pretrained and mode != "finished":  # before scanning a large folder
+        problem = weights_problem(resolve_model_name(cfg.model), cfg.checkpoint_path)
+        if problem:
+            raise TrainError(problem)
     splits = ImageFolderSplits(data, val_ratio=val_ratio, seed=cfg.seed, skip_corrupt=skip_corrupt,
                                classes=classes)
     if len(splits.classes) < 2:
         raise TrainError(f"{data}: need at least 2 classes, found {len(splits.classes)}")
     model = build_model(cfg, len(splits.classes))
     dc = data_config(model, cfg.img_size)
-    train_tf = build_transform(dc, train=True, augment=augment, hflip=hflip, seed=cfg.seed)
+    train_tf = build_transform(dc, train=True, aug=aug, hflip=hflip, crop_scale=crop_scale,
+                               seed=cfg.seed)
     eval_tf = build_transform(dc, train=False)
-    if int(os.environ.get("RANK", "0")) == 0 and mode != "finished":  # rank 0 writes
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run / CLASSES, list(splits.classes))
-        atomic_write_json(run / DATA, {**data_meta, "classes": list(splits.classes),
-                                       "data_config": _jsonable(dc),
-                                       "skipped": [str(p) for p in splits.skipped]})
+    pipeline = {"train": train_tf.describe(), "eval": eval_tf.describe()}
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.progress and mode != "finished":
+        flip = "" if hflip or aug == "none" else ", no flip"
+        print(f"augmentation: {aug}{flip}: {pipeline['train']}; eval: {pipeline['eval']}",
+              file=sys.stderr, flush=True)
+    meta = {**data_meta, "classes": list(splits.classes), "data_config": _jsonable(dc),
+            "pipeline": pipeline, "skipped": [str(p) for p in splits.skipped]}
     return fit(cfg, TransformedDataset(splits.train, train_tf),
                TransformedDataset(splits.val, eval_tf), len(splits.classes), model=model,
-               callbacks=callbacks)
+               callbacks=[_WriteDataFiles(run, list(splits.classes), meta), *callbacks])
 
 
 def _jsonable(d: dict) -> dict:
@@ -177,4 +227,5 @@ def predict_paths(run_dir, inputs, *, top_k: int = 5, batch_size: int = 64,
     return rows, k
 
 
-__all__ = ["finetune", "evaluate_run", "predict_paths", "load_run_model", "data_config"]
+__all__ = ["finetune", "evaluate_run", "predict_paths", "load_run_model", "data_config",
+           "run_data_config"]
