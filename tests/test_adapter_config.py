@@ -50,7 +50,8 @@ def test_dropout_and_rslora_flow_from_the_cli_to_the_adapter_file(tmp_path, caps
     generate_task(root, "shapes", 2, 32, 0, "val")
     out = tmp_path / "run"
     rc = main(["finetune", "--data", str(root / "shapes"), "--model", "test_vit", "--img-size",
-               "32", "--method", "lora", "--rank", "4", "--alpha", "8", "--dropout", "0.1",
+               "32", "--no-pretrained", "--method", "lora", "--rank", "4", "--alpha", "8",
+               "--dropout", "0.1",
                "--rslora", "--targets", "q,v", "--epochs", "1", "--batch-size", "8", "--workers",
                "0", "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
