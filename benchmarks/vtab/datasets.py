@@ -5,8 +5,12 @@ bicubic; no augmentation, so every epoch sees the same pixels) and normalised pe
 FGVC: eval is cached likewise (resize shorter side, centre crop); train keeps VPT's
 random crop + flip, decoded per item (mixed aspect ratios cannot be pre-cropped).
 
-The cache stays on the CPU: the engine's DataLoader pins host memory, and per-item
-normalisation of a uint8 image is far cheaper than a ViT-B step.
+Device: with ``device`` set (the training device), a cached split moves there when it
+fits (half the free GPU memory; the largest VTAB test split is 11 GB at 224 px) and
+``CachedDataset.gather`` serves whole normalised batches on it: the engine then batches
+by index, with no DataLoader workers and no host-to-device copy per batch. A split that
+does not fit stays on the host and its batches are copied as uint8. FGVC's augmented
+train split keeps the engine's DataLoader (workers, pinned memory, non-blocking copies).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import torch
 from PIL import Image
 
 from benchmarks.vtab.protocol import SPLIT_MODES, Preprocess
-from sds_vision.data.cache import CachedDataset, DeviceNormalizer, Prep, cached_split
+from sds_vision.data.cache import (
+    CachedDataset,
+    DeviceNormalizer,
+    Prep,
+    cached_split,
+    place_split,
+)
 from sds_vision.data.fgvc import load_fgvc, resolve_fgvc
 from sds_vision.data.vtab import BenchmarkDataError, load_vtab_split, resolve_task
 
@@ -61,24 +71,34 @@ class FGVCTrainDataset(torch.utils.data.Dataset):
 
 
 def build_task_data(benchmark: str, root: str | Path, task: str, mode: str,
-                    pre: Preprocess, cache_dir: str | Path | None = None) -> TaskData:
-    """Datasets for ``task`` in split mode ``mode`` ("tune" or "final")."""
+                    pre: Preprocess, cache_dir: str | Path | None = None,
+                    device: torch.device | str | None = None,
+                    decoder: str = "pil") -> TaskData:
+    """Datasets for ``task`` in split mode ``mode`` ("tune" or "final").
+
+    ``device``: the training device; cached splits move there when they fit and their
+    batches are delivered there (None: the CPU). ``decoder``: ``"pil"`` (exact, default)
+    or ``"torchvision"`` (decodes on ``device``; see ``sds_vision.data.decode``).
+    """
     if mode not in SPLIT_MODES[benchmark]:
         raise ValueError(f"unknown split mode {mode!r}; expected one of "
                          f"{tuple(SPLIT_MODES[benchmark])}")
     tr_split, ev_split = SPLIT_MODES[benchmark][mode]
     norm = DeviceNormalizer(pre.mean, pre.std)
+
+    def cached(samples, prep: Prep, name: str) -> CachedDataset:
+        split = cached_split(samples, prep, cache_dir, name, decoder=decoder, device=device)
+        return CachedDataset(place_split(split, device), norm, device)
+
     if benchmark == "vtab":
         t = resolve_task(task)
         prep = Prep(pre.resize, None, pre.interpolation)
-        splits = [cached_split(load_vtab_split(root, t, s), prep, cache_dir, f"{t.name}-{s}")
-                  for s in (tr_split, ev_split)]
-        return TaskData(CachedDataset(splits[0], norm), CachedDataset(splits[1], norm),
-                        t.num_classes, tr_split, ev_split)
+        train, ev = (cached(load_vtab_split(root, t, s), prep, f"{t.name}-{s}")
+                     for s in (tr_split, ev_split))
+        return TaskData(train, ev, t.num_classes, tr_split, ev_split)
     ds = resolve_fgvc(task)
     loaded = load_fgvc(root, ds)
     train = [s for name in tr_split.split("+") for s in loaded.splits[name]]
-    ev = cached_split(loaded.splits[ev_split], Prep(pre.resize, pre.img_size, pre.interpolation),
-                      cache_dir, f"{ds.name}-{ev_split}")
-    return TaskData(FGVCTrainDataset(train, pre), CachedDataset(ev, norm), loaded.num_classes,
-                    tr_split, ev_split)
+    ev = cached(loaded.splits[ev_split], Prep(pre.resize, pre.img_size, pre.interpolation),
+                f"{ds.name}-{ev_split}")
+    return TaskData(FGVCTrainDataset(train, pre), ev, loaded.num_classes, tr_split, ev_split)
