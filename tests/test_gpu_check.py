@@ -36,7 +36,7 @@ def test_dry_rehearsal_writes_every_output(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["dry_run"] is True
     assert [(s["step"], s["status"]) for s in summary["steps"]] == [
-        ("cuda_tests", "ok"), ("speed", "ok"), ("throughput", "ok")]
+        ("cuda_tests", "ok"), ("cuda_compile", "ok"), ("speed", "ok"), ("throughput", "ok")]
     # few and flat (the device tool returns at most 8 files, 2 folder levels)
     files = sorted(p.name for p in out.rglob("*"))
     assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "speed.json",

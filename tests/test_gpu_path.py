@@ -113,6 +113,9 @@ def test_gather_serves_normalised_batches_on_the_target_device(tiny_root):
     split = data.train.split
     assert place_split(split, "cpu") is split and fits_on_device(split, "cpu")
     assert not fits_on_device(split, "meta")
+    elsewhere = CachedDataset(split, DeviceNormalizer(MEAN, STD), device="meta")
+    xm, ym = elsewhere.gather(torch.tensor([2, 0]))    # gathered on the host, sent over
+    assert xm.device.type == ym.device.type == "meta" and xm.shape == (2, 3, 32, 32)
 
 
 @pytest.mark.cuda
@@ -160,7 +163,7 @@ def _random_gpu_split(n: int, classes: int = 3) -> CachedDataset:
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_cuda_training_step(tmp_path, precision):
     """A GPU-resident run in bf16 (autocast) and fp32 (TF32): finite, the adapters stay
-    float32, the data never left the GPU, and both precisions agree on the first loss."""
+    float32, the data never left the GPU."""
     cfg = TrainConfig(model="test_vit", method="sds_lora", adapter={"rank": 4}, epochs=1,
                       batch_size=8, img_size=32, precision=precision, out_dir=str(tmp_path),
                       log_every_steps=1, progress=False)

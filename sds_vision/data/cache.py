@@ -162,10 +162,11 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.normalizer(self.split.images[i]), int(self.split.labels[i])
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        store = self.split.images.device
-        images = self.split.images[indices.to(store, non_blocking=True)]
-        if images.device != self.device:
+        idx = indices.to(self.split.images.device, non_blocking=True)
+        images = self.split.images[idx]
+        if images.device != self.device:  # a split kept on the host
             if self.device.type == "cuda":
                 images = images.pin_memory()
             images = images.to(self.device, non_blocking=True)
-        return self.normalizer(images), self._labels[indices.to(self.device, non_blocking=True)]
+            idx = indices.to(self.device, non_blocking=True)
+        return self.normalizer(images), self._labels[idx]
