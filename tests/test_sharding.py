@@ -105,6 +105,32 @@ def test_claim_is_the_run_lock(tmp_path):
     assert not (d / ".lock.break").exists()
 
 
+def _contend(folder, barrier, results) -> None:
+    barrier.wait()  # every contender finds the same stale lock at the same moment
+    lock = FolderLock(folder)
+    won = lock.try_acquire()
+    if won:
+        time.sleep(0.2)  # hold it while the others look
+    results.put(won)
+    if won:
+        lock.release()
+
+
+def test_one_winner_when_processes_race_for_a_stale_lock(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for trial in range(4):
+        d = tmp_path / f"t{trial}"
+        write_lock(d, dead_pid())
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(d, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert sum(results.get(timeout=5) for _ in procs) == 1
+
+
 @pytest.mark.slow
 def test_two_shards_share_a_sweep_and_a_dead_shard_is_resumed(tmp_path, capsys):
     data = make_tiny_vtab(tmp_path / "data", {"cifar": 4, "kitti": 4}, sizes=(8, 2, 6))

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process); "
            "with --device cpu, that many CPU worker processes")
     a("--compile", action="store_true",
-      help="torch.compile the model (opt-in; compilation costs about a minute per run)")
+      help="torch.compile the model (opt-in: compiling costs time once per run)")
     a("--threads", type=int, default=None,
       help="torch CPU threads per run (default: torch's; CPU workers share the cores)")
     a("--shard", type=_shard_arg, default=(0, 1), metavar="I/N",
