@@ -7,8 +7,12 @@ training split keeps VPT's random crop + flip, decoded per item (mixed aspect ra
 cannot be pre-cropped). Splits stored as pixels (CIFAR-100's pickles) are resized from
 memory.
 
-The cache stays on the CPU: the engine's DataLoader pins host memory, and per-item
-normalisation of a uint8 image is far cheaper than a ViT-B step.
+Device: with ``device`` set (the training device), a cached split moves there when it
+fits (half the free GPU memory; the largest VTAB test split is 11 GB at 224 px) and
+``CachedDataset.gather`` serves whole normalised batches on it: the engine then batches
+by index, with no DataLoader workers and no host-to-device copy per batch. A split that
+does not fit stays on the host and its batches are copied as uint8. FGVC's augmented
+train split keeps the engine's DataLoader (workers, pinned memory, non-blocking copies).
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from PIL import Image
 
 from benchmarks.vtab.protocol import Preprocess
 from sds_vision.data.benchmarks import get_benchmark
-from sds_vision.data.cache import CachedDataset, CachedSplit, DeviceNormalizer, Prep, cached_split
+from sds_vision.data.cache import (
+    CachedDataset,
+    CachedSplit,
+    DeviceNormalizer,
+    Prep,
+    cached_split,
+    place_split,
+)
 from sds_vision.data.listing import SplitListing
 from sds_vision.data.vtab import BenchmarkDataError
 
@@ -84,27 +95,39 @@ def _pixels_split(listing: SplitListing, prep: Prep) -> CachedSplit:
     return CachedSplit(images, torch.tensor(listing.labels, dtype=torch.int64))
 
 
-def _cached(benchmark: str, listing: SplitListing, prep: Prep,
-            cache_dir: str | Path | None) -> CachedSplit:
+def _cached(benchmark: str, listing: SplitListing, prep: Prep, cache_dir: str | Path | None,
+            device, decoder: str) -> CachedSplit:
     if listing.pixels is not None:
         return _pixels_split(listing, prep)
     return cached_split(listing.samples(), prep, cache_dir,
-                        f"{benchmark}-{listing.task}-{listing.split}")
+                        f"{benchmark}-{listing.task}-{listing.split}", decoder=decoder,
+                        device=device)
 
 
 def build_task_data(benchmark: str, root: str | Path, task: str, mode: str,
-                    pre: Preprocess, cache_dir: str | Path | None = None) -> TaskData:
-    """Datasets for ``task`` in split mode ``mode`` (the benchmark's split modes)."""
+                    pre: Preprocess, cache_dir: str | Path | None = None,
+                    device: torch.device | str | None = None,
+                    decoder: str = "pil") -> TaskData:
+    """Datasets for ``task`` in split mode ``mode`` (the benchmark's split modes).
+
+    ``device``: the training device; cached splits move there when they fit and their
+    batches are delivered there (None: the CPU). ``decoder``: ``"pil"`` (exact, default)
+    or ``"torchvision"`` (decodes on ``device``; see ``sds_vision.data.decode``).
+    """
     bench = get_benchmark(benchmark)
     tr_split, ev_split = bench.mode_splits(mode)
     tr, ev = bench.listing(root, task, tr_split), bench.listing(root, task, ev_split)
     norm = DeviceNormalizer(pre.mean, pre.std)
     prep = prep_for(pre)
+
+    def cached(listing: SplitListing) -> CachedDataset:
+        split = _cached(benchmark, listing, prep, cache_dir, device, decoder)
+        return CachedDataset(place_split(split, device), norm, device)
+
     if pre.augment:
         if tr.paths is None:
             raise BenchmarkDataError(f"{tr.source}: augmentation needs image files")
         train = AugmentedTrainDataset(tr.samples(), pre)
     else:
-        train = CachedDataset(_cached(benchmark, tr, prep, cache_dir), norm)
-    evaluation = CachedDataset(_cached(benchmark, ev, prep, cache_dir), norm)
-    return TaskData(train, evaluation, tr.num_classes, tr_split, ev_split)
+        train = cached(tr)
+    return TaskData(train, cached(ev), tr.num_classes, tr_split, ev_split)

@@ -13,6 +13,12 @@ skipped; unfinished ones resume from their last checkpoint. One progress line pe
 The report (last epoch and, with ``--best``, the best evaluated epoch, each with its
 averages) is written to ``--out`` at the end. With several GPUs, one worker process per
 GPU pulls runs from a shared queue.
+
+Scaling (docs/scaling.md): ``--gpus N`` starts one worker process per GPU (``--device cpu``:
+N CPU worker processes), pulling runs from a shared queue. ``--shard I/N`` lets N
+processes on N nodes share one sweep over a shared filesystem (a Slurm job array, a
+Kubernetes indexed job): each run folder is claimed with the run lock, so no run is ever
+run twice at once, and a run whose process died is resumed by the next one that visits it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from benchmarks.vtab.protocol import (
     resolve,
 )
 from benchmarks.vtab.rundir import is_finished, run_dir
+from benchmarks.vtab.shard import claim, parse_shard, shard_order
 from sds_vision.data.benchmarks import get_benchmark
 from sds_vision.data.validate import SplitSizes
 from sds_vision.data.vtab import BenchmarkDataError
@@ -104,8 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workers", dest="num_workers", type=int, default=None,
       help="DataLoader workers per run (default: 0 on CPU, up to 8 per GPU)")
     a("--num-workers", dest="num_workers", type=int, default=None, help=argparse.SUPPRESS)
+    a("--device", choices=("auto", "cuda", "cpu"), default="auto",
+      help="where runs train (auto: CUDA when a GPU is visible)")
     a("--gpus", type=int, default=None,
-      help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process)")
+      help="worker processes, one per GPU (default: all visible GPUs; 1 = in-process); "
+           "with --device cpu, that many CPU worker processes")
+    a("--compile", action="store_true",
+      help="torch.compile the model (opt-in: compiling costs time once per run)")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads per run (default: torch's; CPU workers share the cores)")
+    a("--shard", type=_shard_arg, default=(0, 1), metavar="I/N",
+      help="this process is shard I of N sharing --out (0-based; e.g. "
+           "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): it starts with its 1/N of the plan "
+           "and then helps with the rest; runs are claimed, never run twice at once")
     a("--cache-dir", default=None, help="decoded uint8 split cache (default <out>/.cache)")
     a("--no-cache", action="store_true", help="decode in memory only, write no cache files")
     a("--eval-every", type=int, default=None,
@@ -119,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-report", action="store_true", help="do not write the report at the end")
     a("--verbose", action="store_true", help="engine progress bars and per-step logs")
     return ap
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _overrides(args) -> dict:
@@ -242,16 +267,16 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
     rec = bench_record(args, spec)
     check_settings(d, rec)
     atomic_write_json(d / BENCH, rec)
+    cuda = torch.cuda.is_available()  # a worker process sees only its own GPU (or none)
     key = (spec.task, args.mode)
     if key not in data_cache:
         data_cache.clear()  # keep one task's splits in memory (runs are task-major)
         pre = preprocess_for(args.benchmark, args.img_size, args.normalization)
         cache_dir = None if args.no_cache else (args.cache_dir or Path(args.out) / ".cache")
         data_cache[key] = build_task_data(args.benchmark, args.data_root, spec.task, args.mode,
-                                          pre, cache_dir)
+                                          pre, cache_dir, device="cuda" if cuda else None)
     data = data_cache[key]
     hp = rec["hparams"]
-    cuda = torch.cuda.is_available()
     cfg = TrainConfig(
         model=args.model, method=spec.method,
         adapter=PLACEMENTS[rec["adapter"]["placement"]].adapter(hp["rank"]),
@@ -263,30 +288,49 @@ def execute(args, spec: RunSpec, data_cache: dict) -> dict:
             min(8, max(1, (os.cpu_count() or 2) // max(args.gpus or 1, 1) - 1)) if cuda else 0),
         eval_batch_size=args.eval_batch_size or (512 if cuda else 128),
         eval_every=rec["eval_every"],
-        out_dir=str(d), resume=True, progress=args.verbose,
+        compile=args.compile, threads=args.threads, out_dir=str(d), resume=True,
+        progress=args.verbose,
         log_every_steps=50 if not args.verbose else 10)
     final = fit(cfg, data.train, data.eval, data.num_classes)
+    best = final["best_val_top1"] if rec["eval_every"] else None
     atomic_write_json(d / RESULT, {**rec, "val_top1": final["val_top1"],
-                                          "best_val_top1_selected_on_eval":
-                                              final["best_val_top1"] if rec["eval_every"] else None,
-                                          "seconds": final["seconds"], "params": final["params"]})
+                                   "best_val_top1_selected_on_eval": best,
+                                   "seconds": final["seconds"], "params": final["params"]})
     return final
 
 
-def _worker(args, gpu: int, jobs, results) -> None:
-    """Worker process: pulls RunSpecs until a None, reports (spec, top1, seconds, error)."""
+def run_claimed(args, spec: RunSpec, cache: dict) -> tuple[str, dict | None, str | None]:
+    """One run while holding its folder's lock: ``(status, final, error)`` with status
+    ``done``, ``failed``, ``held`` (another live process holds it; error names it) or
+    ``finished`` (another process finished it meanwhile)."""
+    d = run_dir(args.out, args.mode, spec.task, spec.method, spec.seed)
+    with claim(d) as holder:
+        if holder is not None:
+            return "held", None, f"pid {holder.get('pid')} on {holder.get('host')}"
+        if is_finished(d):
+            return "finished", None, None
+        try:
+            return "done", execute(args, spec, cache), None
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
+            return "failed", None, f"{type(e).__name__}: {e}"
+
+
+def _worker(args, worker: int, jobs, results) -> None:
+    """Worker process: pulls RunSpecs until a None, reports (spec, status, final top-1,
+    seconds, error, worker) for each."""
     cache: dict = {}
     while (spec := jobs.get()) is not None:
         t0 = time.time()
-        try:
-            final = execute(args, spec, cache)
-            results.put((spec, final["val_top1"], time.time() - t0, None, gpu))
-        except Exception as e:  # report and keep going; the run can be retried
-            results.put((spec, None, time.time() - t0, f"{type(e).__name__}: {e}", gpu))
+        status, final, err = run_claimed(args, spec, cache)
+        results.put((spec, status, final and final["val_top1"], time.time() - t0, err, worker))
 
 
-def _line(i: int, n: int, spec: RunSpec, top1, secs: float, err, where="") -> str:
-    acc = f"top1 {top1:6.2f}" if err is None else f"FAILED ({err})"
+def _line(i: int, n: int, spec: RunSpec, top1, secs: float, err, where="",
+          status: str | None = None) -> str:
+    status = status or ("done" if err is None else "failed")
+    acc = {"done": lambda: f"top1 {top1:6.2f}", "failed": lambda: f"FAILED ({err})",
+           "held": lambda: f"skipped: run by another process ({err})",
+           "finished": lambda: "skipped: finished by another process"}[status]()
     return (f"[{i}/{n}] {spec.task:<20} {spec.method:<8} seed {spec.seed}  {acc}  "
             f"{secs:7.1f}s  {n - i} left{where}")
 
@@ -320,23 +364,7 @@ def run_sweep(args) -> int:
             if problem:
                 return 2
         return 0
-    import torch
-    gpus = args.gpus if args.gpus is not None else max(torch.cuda.device_count(), 1)
-    args.gpus = gpus
-    failures = 0
-    if gpus <= 1 or len(todo) <= 1:
-        cache: dict = {}
-        for i, spec in enumerate(todo, 1):
-            t0 = time.time()
-            try:
-                final, err = execute(args, spec, cache), None
-            except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
-                final, err = None, f"{type(e).__name__}: {e}"
-            failures += err is not None
-            print(_line(i, len(todo), spec, final and final["val_top1"], time.time() - t0, err),
-                  flush=True)
-    else:
-        failures = _run_parallel(args, todo, gpus)
+    failures = dispatch(args, plan, todo)
     if not args.no_report:
         from benchmarks.vtab.report import write_report
         try:
@@ -362,20 +390,75 @@ def _print_plan(args, names: list[str], rep) -> None:
     print("", flush=True)
 
 
-def _run_parallel(args, todo: list[RunSpec], gpus: int) -> int:
+def dispatch(args, plan: list[RunSpec], todo: list[RunSpec]) -> int:
+    """Run ``todo`` in this shard's order, in this process or in worker processes (one per
+    GPU, or ``--gpus`` CPU workers); returns the number of failed runs. Runs another
+    process holds are skipped, then tried once more at the end (their holder may have
+    died meanwhile)."""
+    import torch
+    index, count = args.shard
+    pending = set(todo)
+    order = [p for p in shard_order(plan, index, count) if p in pending]
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise ValueError("--device cuda: no CUDA device is visible to this process")
+    on_gpu = args.device != "cpu" and cuda
+    workers = args.gpus if args.gpus is not None else (
+        max(torch.cuda.device_count(), 1) if on_gpu else 1)
+    args.gpus = workers
+    if count > 1:
+        print(f"shard {index}/{count}: starts with runs {len(plan) * index // count + 1}-"
+              f"{len(plan) * (index + 1) // count} of the plan, then helps with the others",
+              flush=True)
+    if not order:
+        return 0
+    # a CPU run on a machine with GPUs goes to a worker that cannot see them
+    in_process = (workers <= 1 or len(order) <= 1) and (on_gpu or not cuda)
+    outcomes = _run_here(args, order) if in_process else _run_workers(args, order, workers, on_gpu)
+    held = [spec for spec, status in outcomes if status == "held"]
+    if held:
+        print(f"{len(held)} run(s) held by other processes; trying them once more", flush=True)
+        outcomes += (_run_here(args, held) if in_process
+                     else _run_workers(args, held, workers, on_gpu))
+        held = [spec for spec, status in outcomes[-len(held):] if status == "held"]
+        if held:
+            print(f"{len(held)} run(s) left to the processes that hold them", flush=True)
+    return sum(status == "failed" for _, status in outcomes)
+
+
+def _run_here(args, order: list[RunSpec]) -> list[tuple[RunSpec, str]]:
+    cache: dict = {}
+    out = []
+    for i, spec in enumerate(order, 1):
+        t0 = time.time()
+        status, final, err = run_claimed(args, spec, cache)
+        out.append((spec, status))
+        print(_line(i, len(order), spec, final and final["val_top1"], time.time() - t0, err,
+                    status=status), flush=True)
+    return out
+
+
+def _run_workers(args, order: list[RunSpec], workers: int,
+                 on_gpu: bool) -> list[tuple[RunSpec, str]]:
+    """One spawned process per worker; each sees one GPU (``CUDA_VISIBLE_DEVICES``) or, for
+    CPU workers, none at all, so the device a worker trains on is explicit."""
     import multiprocessing as mp
+    import queue
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
-    for spec in todo:  # task-major order: consecutive runs of a worker share a task's data
+    for spec in order:  # task-major order: consecutive runs of a worker share a task's data
         jobs.put(spec)
+    if not on_gpu and args.threads is None:  # CPU workers split the cores
+        from sds_vision.data.cache import cpu_count
+        args.threads = max(1, cpu_count() // workers)
     procs = []
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = saved.split(",") if saved else [str(i) for i in range(gpus)]
+    visible = saved.split(",") if saved else [str(i) for i in range(workers)]
     try:
-        for g in range(gpus):
+        for w in range(workers):
             jobs.put(None)
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible[g % len(visible)]  # child sees one GPU
-            p = ctx.Process(target=_worker, args=(args, g, jobs, results), daemon=True)
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[w % len(visible)] if on_gpu else ""
+            p = ctx.Process(target=_worker, args=(args, w, jobs, results), daemon=True)
             p.start()
             procs.append(p)
     finally:
@@ -383,22 +466,23 @@ def _run_parallel(args, todo: list[RunSpec], gpus: int) -> int:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    import queue
-    failures, i = 0, 0
-    while i < len(todo):
+    out: list[tuple[RunSpec, str]] = []
+    while len(out) < len(order):
         try:
-            spec, top1, secs, err, g = results.get(timeout=10)
+            spec, status, top1, secs, err, w = results.get(timeout=10)
         except queue.Empty:
             if not any(p.is_alive() for p in procs):  # a worker died without reporting
-                print(f"workers exited with {len(todo) - i} run(s) unreported", flush=True)
-                return failures + len(todo) - i
+                print(f"workers exited with {len(order) - len(out)} run(s) unreported",
+                      flush=True)
+                reported = {s for s, _ in out}
+                return out + [(s, "failed") for s in order if s not in reported]
             continue
-        i += 1
-        failures += err is not None
-        print(_line(i, len(todo), spec, top1, secs, err, f"  (worker {g})"), flush=True)
+        out.append((spec, status))
+        print(_line(len(out), len(order), spec, top1, secs, err, f"  (worker {w})", status),
+              flush=True)
     for p in procs:
         p.join()
-    return failures
+    return out
 
 
 def main(argv=None) -> int:

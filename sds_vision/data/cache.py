@@ -1,13 +1,16 @@
-"""Decode-once uint8 cache for benchmark splits.
+"""Decode-once uint8 cache for benchmark splits, and its batches on the training device.
 
 VTAB's protocol has no augmentation (resize to 224 bicubic, normalise), so every epoch
-sees the same pixels: decode and resize each split ONCE into a uint8 tensor
-``N x 3 x H x W`` and normalise on the fly, on whatever device holds the tensor.
+sees the same pixels: decode and resize each split ONCE (``decode.py``) into a uint8
+tensor ``N x 3 x H x W`` and normalise on the fly, on whatever device holds the tensor.
+Resizing on the device instead (``DeviceNormalizer(size=...)``, torch bicubic with
+antialias) is faster for small native images but is NOT bit-identical to PIL; an opt-in.
 
-Exactness: PIL's resize returns uint8, so caching the resized image is bit-identical
-to the usual PIL -> Resize -> ToTensor -> Normalize pipeline. Resizing on the device
-instead (``DeviceNormalizer(size=...)``, torch bicubic with antialias) is faster for
-small native images but is NOT bit-identical to PIL; it is an opt-in.
+Placement: ``place_split`` moves a split to the training device when it fits
+(``fits_on_device``); ``CachedDataset.gather`` then indexes and normalises whole batches
+there, with no DataLoader and no per-batch host-to-device copy. A split that stays on the
+host is gathered there and copied as uint8 (a quarter of the float bytes) from pinned
+memory without blocking.
 
 Memory: 224x224 RGB is 150 KB per image, so a 1,000-image train split is 150 MB and the
 largest VTAB test split (dSprites, 73,728 images) is 11 GB.
@@ -17,106 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from sds_vision.data.vtab import BenchmarkDataError
+from sds_vision.data.decode import (
+    DECODERS,
+    VTAB_PREP,
+    CachedSplit,
+    Prep,
+    cpu_count,
+    decode_split,
+)
 from sds_vision.fileio import atomic_write
 
 __all__ = ["CachedSplit", "Prep", "decode_split", "cached_split", "DeviceNormalizer",
-           "CachedDataset", "fits_on_device"]
-
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-@dataclass(frozen=True)
-class Prep:
-    """Deterministic preprocessing applied once at decode time.
-
-    ``resize``: int -> square ``resize x resize`` (VTAB); with ``crop`` set, the shorter
-    side is resized to ``resize`` and the centre ``crop x crop`` kept (FGVC test).
-    ``resize=None`` keeps native size (all images must then share one size).
-    """
-    resize: int | None = 224
-    crop: int | None = None
-    interpolation: str = "bicubic"
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if self.resize is None:
-            return img
-        rs = _RESAMPLE[self.interpolation]
-        if self.crop is None:
-            return img.resize((self.resize, self.resize), rs)
-        # same arithmetic as torchvision's Resize(int) + CenterCrop (VPT's FGVC eval)
-        w, h = img.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(self.resize * long / short)
-        img = img.resize((self.resize, new_long) if w <= h else (new_long, self.resize), rs)
-        w, h = img.size
-        top, left = int(round((h - self.crop) / 2.0)), int(round((w - self.crop) / 2.0))
-        return img.crop((left, top, left + self.crop, top + self.crop))
-
-    def tag(self) -> str:
-        return f"r{self.resize}-c{self.crop}-{self.interpolation}"
-
-
-@dataclass
-class CachedSplit:
-    images: torch.Tensor   # uint8, N x 3 x H x W
-    labels: torch.Tensor   # int64, N
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def to(self, device) -> "CachedSplit":
-        return CachedSplit(self.images.to(device), self.labels.to(device))
-
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size()
-
-
-def _decode(path: Path, prep: Prep) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            arr = np.array(prep(im.convert("RGB")), dtype=np.uint8)
-    except FileNotFoundError:
-        raise BenchmarkDataError(f"{path}: image listed but missing") from None
-    except (OSError, ValueError) as e:
-        raise BenchmarkDataError(f"{path}: cannot decode image ({e})") from None
-    return arr
-
-
-def decode_split(samples: Sequence[tuple[Path, int]], prep: Prep = Prep(),
-                 num_workers: int | None = None) -> CachedSplit:
-    """Decode ``(path, label)`` samples once into a uint8 ``CachedSplit`` (threads; PIL
-    releases the GIL while decoding and resizing)."""
-    if not samples:
-        raise BenchmarkDataError("decode_split: empty split")
-    num_workers = num_workers or min(8, os.cpu_count() or 1)
-    first = _decode(samples[0][0], prep)
-    h, w = first.shape[:2]
-    images = torch.empty((len(samples), 3, h, w), dtype=torch.uint8)
-    labels = torch.tensor([lab for _, lab in samples], dtype=torch.int64)
-
-    def fill(i: int) -> None:
-        arr = first if i == 0 else _decode(samples[i][0], prep)
-        if arr.shape[:2] != (h, w):
-            raise BenchmarkDataError(
-                f"{samples[i][0]}: size {arr.shape[1]}x{arr.shape[0]} differs from "
-                f"{w}x{h}; set a resize to cache images of mixed sizes")
-        images[i] = torch.from_numpy(arr).permute(2, 0, 1)
-
-    with ThreadPoolExecutor(num_workers) as ex:
-        list(ex.map(fill, range(len(samples))))
-    return CachedSplit(images, labels)
+           "CachedDataset", "fits_on_device", "place_split", "cpu_count", "DECODERS"]
 
 
 def _key(samples: Sequence[tuple[Path, int]], prep: Prep) -> str:
@@ -138,37 +59,53 @@ def _key(samples: Sequence[tuple[Path, int]], prep: Prep) -> str:
 MAX_DISK_CACHE_BYTES = 2 * 2**30
 
 
-def cached_split(samples: Sequence[tuple[Path, int]], prep: Prep = Prep(),
+def cached_split(samples: Sequence[tuple[Path, int]], prep: Prep = VTAB_PREP,
                  cache_dir: str | Path | None = None, name: str = "split",
                  num_workers: int | None = None,
-                 max_disk_bytes: int = MAX_DISK_CACHE_BYTES) -> CachedSplit:
-    """``decode_split`` with an optional on-disk cache (keyed by the sample list and
-    ``prep``; written atomically), so seeds, methods and worker processes share one
-    decode. Splits larger than ``max_disk_bytes`` are not written to disk."""
+                 max_disk_bytes: int = MAX_DISK_CACHE_BYTES, decoder: str = "pil",
+                 device: torch.device | str | None = None) -> CachedSplit:
+    """``decode_split`` with an optional on-disk cache (keyed by the sample list, ``prep``
+    and the decoder; written atomically), so seeds, methods and worker processes share one
+    decode. Splits larger than ``max_disk_bytes`` are not written to disk. ``device`` is
+    where the torchvision decoder works; a split loaded from disk is on the CPU."""
     if cache_dir is None:
-        return decode_split(samples, prep, num_workers)
+        return decode_split(samples, prep, num_workers, decoder, device)
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{name}-{prep.tag()}-{_key(samples, prep)}.pt"
+    tag = prep.tag() + ("" if decoder == "pil" else f"-{decoder}")
+    path = cache_dir / f"{name}-{tag}-{_key(samples, prep)}.pt"
     if path.is_file():
         d = torch.load(path, map_location="cpu", weights_only=True)
         return CachedSplit(d["images"], d["labels"])
-    split = decode_split(samples, prep, num_workers)
+    split = decode_split(samples, prep, num_workers, decoder, device)
     if split.images.nbytes > max_disk_bytes:
         return split
     cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save({"images": split.images, "labels": split.labels},
-                                              tmp))
+    atomic_write(path, lambda tmp: torch.save({"images": split.images.cpu(),
+                                               "labels": split.labels.cpu()}, tmp))
     return split
 
 
 def fits_on_device(split: CachedSplit, device: torch.device | str,
                    fraction: float = 0.5) -> bool:
-    """Whether ``split`` fits in ``fraction`` of the device's free memory (CUDA only)."""
+    """Whether ``split`` fits in ``fraction`` of the device's free memory (CUDA only).
+
+    Free memory counts what torch's caching allocator holds but does not use (e.g. the
+    previous task's splits), since a new split reuses it. The other half is left for
+    training (ViT-B at batch 64 needs well under 20 GB)."""
     device = torch.device(device)
     if device.type != "cuda":
         return device.type == "cpu"
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return split.nbytes <= fraction * free
+
+
+def place_split(split: CachedSplit, device: torch.device | str | None,
+                fraction: float = 0.5) -> CachedSplit:
+    """``split`` moved to ``device`` when it fits there (``fits_on_device``), else as is."""
+    if device is None or split.images.device.type == torch.device(device).type:
+        return split  # already there (a worker process sees one GPU)
+    return split.to(device) if fits_on_device(split, device, fraction) else split
 
 
 class DeviceNormalizer:
@@ -201,12 +138,22 @@ class DeviceNormalizer:
 
 class CachedDataset(torch.utils.data.Dataset):
     """A ``CachedSplit`` as a dataset: ``ds[i]`` is ``(float 3xHxW, int)`` (the engine's
-    per-sample contract) and ``ds.gather(indices)`` a whole normalised batch on the split's
-    device, which the engine uses instead of a DataLoader (no workers, no per-batch
-    host-to-device copies when the split lives on the GPU)."""
+    per-sample contract) and ``ds.gather(indices)`` a whole normalised batch on ``device``
+    (default: the split's device), which the engine uses instead of a DataLoader.
 
-    def __init__(self, split: CachedSplit, normalizer: DeviceNormalizer):
+    With the split on ``device`` (the GPU), a batch is one index, one normalisation and no
+    host-to-device copy. With the split on the host and ``device`` CUDA, the uint8 batch is
+    gathered on the host and copied from pinned memory without blocking, then normalised
+    on the device. Indices move to the split's device without blocking either, so a
+    training step never waits for the GPU to drain.
+    """
+
+    def __init__(self, split: CachedSplit, normalizer: DeviceNormalizer,
+                 device: torch.device | str | None = None):
         self.split, self.normalizer = split, normalizer
+        # tiny: labels always live on `device`; their device names the index ("cuda:0")
+        self._labels = split.labels.to(device if device is not None else split.images.device)
+        self.device = self._labels.device
 
     def __len__(self) -> int:
         return len(self.split)
@@ -215,5 +162,11 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.normalizer(self.split.images[i]), int(self.split.labels[i])
 
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = indices.to(self.split.images.device)
-        return self.normalizer(self.split.images[idx]), self.split.labels[idx]
+        idx = indices.to(self.split.images.device, non_blocking=True)
+        images = self.split.images[idx]
+        if images.device != self.device:  # a split kept on the host
+            if self.device.type == "cuda":
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
+            idx = indices.to(self.device, non_blocking=True)
+        return self.normalizer(images), self._labels[idx]

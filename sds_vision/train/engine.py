@@ -223,10 +223,7 @@ class Trainer:
 
     # --- checkpoints: the one place the resume state is written and read ----------------
     def save_last(self) -> None:
-        # never replace a good checkpoint with weights that are already inf/NaN
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):
-            raise NonFiniteLossError(self.state.step, self._epoch_of(self.state.step),
-                                     self._last_path(), what="weights")
+        self.check_weights()  # never replace a good checkpoint with inf/NaN weights
         local = {"rng": ckpt_io.rng_state(), "loss_sum": float(self.loss_sum.item()),
                  "loss_count": self.loss_count}
         ranks = gather_objects(local, self.info)
@@ -365,10 +362,16 @@ class Trainer:
         self.batches.set_epoch(epoch, start=st.step_in_epoch * cfg.accum_steps)
         self.model.train()
         self.progress.start_epoch(epoch, st.step_in_epoch)
-        check_every = 1 if not self.on_cuda else max(cfg.log_every_steps, 1)
         for micro in self._steps():
             self.ctx.step = st.step + 1
-            loss = self.optimizer_step(micro)
+            try:
+                loss = self.optimizer_step(micro)
+            except RuntimeError:
+                # non-finite numbers since the last check can make a step fail (e.g. an
+                # eigendecomposition of NaN factors): report them, not the symptom
+                self.check_finite()
+                self.check_weights()
+                raise
             st.step += 1
             st.step_in_epoch += 1
             self.scheduler.step_update(st.step)
@@ -379,9 +382,12 @@ class Trainer:
             self.loss_sum += loss.double() * n
             self.loss_count += n
             self.progress.step()
+            # Host syncs (reading the loss, checking it is finite) only on logging steps, on
+            # every device alike: `first_bad` records the exact first bad step meanwhile, and
+            # no checkpoint is written without a check.
             log_now = st.step % max(cfg.log_every_steps, 1) == 0 \
                 or st.step_in_epoch == self.steps_per_epoch
-            if log_now or st.step % check_every == 0:
+            if log_now:
                 self.check_finite()
             if log_now:
                 self._log_step(epoch, float(loss.item()))
@@ -457,6 +463,11 @@ class Trainer:
         bad = int(all_reduce_min(self.first_bad.clone(), self.info).item())
         if bad != _NO_BAD_STEP:
             raise NonFiniteLossError(bad, self._epoch_of(bad), self._last_path())
+
+    def check_weights(self) -> None:
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.trainable]).all()):
+            raise NonFiniteLossError(self.state.step, self._epoch_of(self.state.step),
+                                     self._last_path(), what="weights")
 
     def _epoch_of(self, step: int) -> int:
         return (step - 1) // self.steps_per_epoch + 1

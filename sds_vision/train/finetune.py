@@ -21,7 +21,7 @@ from . import checkpoint as ckpt_io
 from .callbacks import Callback
 from .config import TrainConfig, TrainError, config_diff
 from .engine import build_model, fit
-from .metrics import evaluate
+from .metrics import autocast_ctx, evaluate
 from .rundir import CLASSES, DATA, RunDir
 
 
@@ -175,11 +175,22 @@ def evaluate_run(run_dir: str | os.PathLike, *, data: str | None = None, split: 
                                                      train=False))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    m = evaluate(model.to(device), loader, len(classes), device, precision=cfg.precision,
-                 channels_last=cfg.channels_last)
+    m = evaluate(_to_device(model, device, cfg), loader, len(classes), device,
+                 precision=cfg.precision, channels_last=cfg.channels_last)
     return {"split": split, "weights": weights, "samples": m.pop("val_samples"),
             **{k.replace("val_", "", 1): v for k, v in m.items()},
             "classes": classes}
+
+
+def _to_device(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
+    """The model on ``device``, in the memory format and matmul precision training used."""
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and cfg.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as `fit` does for fp32 runs
+        torch.backends.cudnn.allow_tf32 = True
+    return model
 
 
 def _collect_images(inputs) -> list[Path]:
@@ -213,14 +224,18 @@ def predict_paths(run_dir, inputs, *, top_k: int = 5, batch_size: int = 64,
     paths = _collect_images(inputs)
     model, cfg, classes = load_run_model(run_dir, weights, checkpoint_path)
     device = default_device()
-    model.to(device)
+    _to_device(model, device, cfg)
     tf = build_transform(data_config(model, cfg.img_size), train=False)
     k = max(1, min(top_k, len(classes)))
     rows = []
     for i in range(0, len(paths), batch_size):
         chunk = paths[i:i + batch_size]
         x = torch.stack([tf(_decode(p)) for p in chunk]).to(device)
-        probs = model(x).float().softmax(-1).cpu()
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(device, cfg.precision):  # the precision `evaluate` uses
+            logits = model(x)
+        probs = logits.float().softmax(-1).cpu()
         top = probs.topk(k, dim=-1)
         for p, vals, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
             rows.append((str(p), [(classes[j], v) for j, v in zip(idx, vals)]))

@@ -8,6 +8,9 @@ when its pid no longer exists, on any host when its heartbeat (the file's mtime,
 every ``heartbeat_s`` by a daemon thread) is older than ``stale_after_s``. So a run on a
 shared filesystem (a Slurm array, Kubernetes jobs) is never run twice at once, and a dead
 node's run is picked up by the next process that asks.
+
+A process that holds a folder may lock it again (the benchmark harness claims a run folder,
+then ``fit`` locks it): the inner lock is a no-op and the outer one keeps ownership.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 from .config import TrainError
 
 LOCK_FILE = ".lock"
+BREAK_FILE = ".lock.break"  # held (O_EXCL) by the one process removing a stale lock
+_HELD: dict[Path, "FolderLock"] = {}  # the locks this process holds, by lock-file path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -43,6 +48,8 @@ class FolderLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
+        self._nested = False  # this process already held the folder when we acquired it
+        self.pid = os.getpid()
 
     def holder(self) -> dict | None:
         """The current holder's record, or None when unlocked."""
@@ -65,6 +72,11 @@ class FolderLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free or stale; False if a live process holds it."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        outer = _HELD.get(key)
+        if outer is not None and outer.held and outer.pid == os.getpid():  # not a forked child
+            self.held = self._nested = True
+            return True
         record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "started": time.time()})
         for _ in range(2):
@@ -76,21 +88,35 @@ class FolderLock:
                     continue  # released in between
                 if not self._is_stale(rec):
                     return False
-                # Stale: remove it by renaming to a unique name, so two processes that both
-                # found it stale cannot both delete a lock the other has just created.
-                grave = self.path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
-                try:
-                    os.replace(self.path, grave)
-                    grave.unlink()
-                except FileNotFoundError:
-                    pass
+                self._break_stale(rec)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(record)
-            self.held = True
+            self.held, self.pid = True, os.getpid()
+            _HELD[key] = self
             self._start_heartbeat()
             return True
         return False
+
+    def _break_stale(self, rec: dict) -> None:
+        """Remove the stale lock ``rec``, unless it changed meanwhile. One process at a time
+        (an O_EXCL guard file): two processes that both found the lock stale could otherwise
+        both remove it, the second one removing the fresh lock the first had just taken."""
+        guard = self.folder / BREAK_FILE
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a guard left by a process killed in the few lines below
+                if time.time() - guard.stat().st_mtime > 60:
+                    guard.unlink()
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            if self.holder() == rec and self._is_stale(rec):  # still the lock judged stale
+                self.path.unlink(missing_ok=True)
+        finally:
+            guard.unlink(missing_ok=True)
 
     def acquire(self) -> "FolderLock":
         if not self.try_acquire():
@@ -115,6 +141,10 @@ class FolderLock:
     def release(self) -> None:
         if not self.held:
             return
+        if self._nested:
+            self.held = self._nested = False
+            return
+        _HELD.pop(self.path.resolve(), None)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
