@@ -32,5 +32,21 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.5) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed 0, and one torch thread: tiny models gain nothing from a second one, and the
+    suite's subprocesses (torchrun, shards, workers) would otherwise oversubscribe the cores."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A generated 4-class image folder: 32 train images (4 steps of 8) and 16 val, 32 px."""
+    from sds_vision.data import generate_task
+    root = tmp_path_factory.mktemp("data")
+    generate_task(root, "shapes", 8, 32, 0, "train")
+    generate_task(root, "shapes", 4, 32, 0, "val")
+    return root / "shapes"

@@ -5,13 +5,8 @@ errors, FGVC folder names, a one-run FGVC sweep, and the SDS-LoRA paper suite.""
 import csv
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab import run, run_fgvc
 from benchmarks.vtab.protocol import PROTOCOLS, resolve
@@ -21,14 +16,6 @@ from sds_vision.data.benchmarks import get_benchmark
 
 COMMON = ["--seeds", "0", "--model", "test_vit", "--epochs", "1", "--img-size", "32",
           "--batch-size", "8", "--no-pretrained", "--num-workers", "0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_protocol_table():

@@ -13,27 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import run_cli
 
-from sds_vision.cli import build_parser, main
-from sds_vision.data import generate_task
+from sds_vision.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--no-pretrained", "--img-size", "32", "--rank", "4",
         "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    generate_task(root, "shapes", 8, 32, 0, "train")  # 32 train images: 4 steps
-    generate_task(root, "shapes", 4, 32, 0, "val")
-    return root / "shapes"
-
-
-def run_cli(args, capsys):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_every_flag_has_help():

@@ -1,12 +1,8 @@
 """FGVC (VPT layout) reader and validation on tiny generated datasets."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab
 from sds_vision.data.fgvc import (

@@ -1,16 +1,12 @@
 """The benchmark data path: decode (PIL, exact; torchvision, opt-in), placement on the
 training device, whole-batch gathering, and the CUDA training step (CUDA tests skip here)."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab.datasets import build_task_data
 from benchmarks.vtab.protocol import preprocess_for

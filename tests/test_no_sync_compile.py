@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TRAIN, VAL
 
 import sds_vision
 from sds_vision.data.cache import CachedDataset, CachedSplit, DeviceNormalizer
 from sds_vision.methods import METHODS
 from sds_vision.train import Callback, TrainConfig, fit
 from sds_vision.train import loader as loader_mod
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import TRAIN, VAL  # noqa: E402
 
 # Tensor methods that wait for the device (on CUDA) when called on a device tensor.
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")

@@ -3,12 +3,8 @@
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab.anchors import ANCHOR_BACKBONE
 from benchmarks.vtab.report import main, summarise, write_report

@@ -5,12 +5,8 @@ one-line errors naming the file and line of a bad label or a missing image."""
 
 import json
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab import run
 from benchmarks.vtab.tiny_sds_paper import make_tiny_sds_paper

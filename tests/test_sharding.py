@@ -13,26 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.vtab import run
+from benchmarks.vtab.shard import claim, parse_shard, shard_order
+from benchmarks.vtab.tiny import make_tiny_vtab
+from sds_vision.train.config import TrainError
+from sds_vision.train.lock import FolderLock
 
-from benchmarks.vtab import run  # noqa: E402
-from benchmarks.vtab.shard import claim, parse_shard, shard_order  # noqa: E402
-from benchmarks.vtab.tiny import make_tiny_vtab  # noqa: E402
-from sds_vision.train.config import TrainError  # noqa: E402
-from sds_vision.train.lock import FolderLock  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 COMMON = ["--seeds", "0", "--model", "test_vit", "--epochs", "1", "--img-size", "32",
           "--batch-size", "8", "--no-pretrained", "--num-workers", "0", "--threads", "1",
           "--expect-sizes", "8", "2", "10", "--no-report"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_lock(folder: Path, pid: int, host: str | None = None, age_s: float = 0.0) -> None:

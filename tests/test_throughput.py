@@ -2,13 +2,9 @@
 engine, decode rates, and a projection that adds up (so the script cannot rot)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab import throughput
 from sds_vision.data.vtab import VTAB_TASKS

@@ -2,27 +2,15 @@
 epoch (timm's CosineLRScheduler stepped once per epoch) and exact gradient accumulation."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch.testing import assert_close
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.vtab.protocol import TRAIN_FIELDS, hparams
 from sds_vision.train import Callback, TrainConfig, build_model, fit
 from sds_vision.train.schedule import build_scheduler, epoch_position
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _protocol_config(benchmark: str, task: str, **kw) -> TrainConfig:

@@ -1,13 +1,9 @@
 """VTAB-1k reader, aliases, validation errors and the uint8 cache, on tiny generated dumps."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vtab.tiny import make_tiny_fgvc, make_tiny_vtab
 from sds_vision.data.cache import (
