@@ -434,10 +434,9 @@ def test_diagnostics_of_every_method(method):
         model.zero_grad()
         grabbed = {}
 
-        def grab(m, inputs, out, grabbed=grabbed):
-            grabbed["x"] = inputs[0]
-            out.register_hook(grabbed.__setitem__.__get__(grabbed) and
-                              (lambda g, d=grabbed: d.update(dy=g)))
+        def grab(m, inputs, out, d=grabbed):
+            d["x"] = inputs[0]
+            out.register_hook(lambda g, d=d: d.update(dy=g))
 
         hook = mod.register_forward_hook(grab)
         nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
