@@ -192,7 +192,7 @@ def _delta_changes(module: LowRankAdapter, before: dict, moved: dict, after: dic
     def factors(state):
         with module.state_swapped(state):
             f = module.lowrank_factors()
-            return None if f is None else tuple(t.detach().double() for t in f)
+            return None if f is None else tuple(t.detach().to(torch.float64, copy=True) for t in f)
 
     f0 = factors(before)
     if f0 is not None:  # delta = s B' A' per slice
@@ -209,7 +209,7 @@ def _delta_changes(module: LowRankAdapter, before: dict, moved: dict, after: dic
 
     def dense(state):  # not low-rank (DoRA): the dense update, per slice
         with twin.state_swapped({n: t.double() for n, t in state.items()}):
-            return twin._slice_rows(twin.delta_weight().detach())
+            return twin._slice_rows(twin.delta_weight().detach()).clone()
 
     # central difference: exact for updates that are quadratic in the parameters
     minus = {n: 2 * before[n] - moved[n] for n in moved}

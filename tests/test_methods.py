@@ -428,8 +428,8 @@ def test_diagnostics_of_every_method(method):
     from sds_vision.diagnostics import layer_diagnostics
     model = _model(method, targets=["q", "v", "fc1"])
     _train_a_bit(model, std=0.1)
-    model.train()
-    x = X.clone()
+    model.train().double()  # float64: a tiny step is not lost to rounding
+    x = X.double()
     for name, mod in adapter_modules(model):
         model.zero_grad()
         grabbed = {}
@@ -441,6 +441,7 @@ def test_diagnostics_of_every_method(method):
         hook = mod.register_forward_hook(grab)
         nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
         hook.remove()
+        assert grabbed["dy"].abs().max() > 0
         state = mod.adapter_state()
         with torch.no_grad():
             for _, p in mod.named_parameters():
@@ -449,7 +450,7 @@ def test_diagnostics_of_every_method(method):
         res = layer_diagnostics(mod, grabbed["x"], grabbed["dy"], mod.lora_A - state["lora_A"],
                                 mod.lora_B - state["lora_B"], state_before=state)
         for metrics in res.values():
-            assert metrics["cos_update"] == pytest.approx(metrics["cos_update_exact"], abs=1e-3)
+            assert metrics["cos_update"] == pytest.approx(metrics["cos_update_exact"], abs=1e-4)
             if method != "dora":
                 assert metrics["cos_update"] > 0, (name, metrics)
             assert all(v == v for v in metrics.values())  # no NaN
