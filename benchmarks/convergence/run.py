@@ -1,6 +1,6 @@
 """Convergence benchmark: every method of the registry, every figure from one run.
 
-    python benchmarks/convergence/run.py --out runs/convergence --threads 1   # ~35 min, 2 cores
+    python benchmarks/convergence/run.py --out runs/convergence --threads 1   # ~30 min, 2 cores
     python benchmarks/convergence/run.py --out /tmp/conv --quick              # smoke test
 
 Part 1, a controlled low-rank regression (``regression.py``): steps to 1e-2 and 1e-4 of
@@ -39,15 +39,15 @@ from sds_vision.data import make_demo_data
 from sds_vision.diagnostics import plot_diagnostics
 from sds_vision.fileio import atomic_write_text
 
-_ADAPTER_LRS = (3e-3, 1e-2, 3e-2)
+_ADAPTER_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 FULL = dict(
     kappas=(10, 100, 1000), reg_steps=1500, reg_methods=LOW_RANK,
-    reg_lrs={"sgd": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+    reg_lrs={"sgd": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
              "adamw": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)},
     n_train=256, n_val=64, source_epochs=40, vis_steps=300, seeds=(0, 1, 2),
     # the ablations sds_lora_qr and sds_bases_every run in the regression only (time)
-    vis_lrs={"linear": (3e-2, 1e-1), "full": (1e-3, 3e-3), "lora": _ADAPTER_LRS,
-             "lora_plus": (1e-3, 3e-3, 1e-2), "dora": _ADAPTER_LRS, "pissa": _ADAPTER_LRS,
+    vis_lrs={"linear": (3e-2, 1e-1, 3e-1), "full": (3e-4, 1e-3, 3e-3), "lora": _ADAPTER_LRS,
+             "lora_plus": (3e-4, 1e-3, 3e-3, 1e-2), "dora": _ADAPTER_LRS, "pissa": _ADAPTER_LRS,
              "precond_lora": _ADAPTER_LRS, "sds_lora": _ADAPTER_LRS, "sds_bases": _ADAPTER_LRS,
              "sds_bases_random": _ADAPTER_LRS},
     diag_every=25)

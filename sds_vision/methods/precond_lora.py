@@ -59,12 +59,12 @@ class _PrecondLoRADelta(torch.autograd.Function):
             p_a, p_b = rxr.transforms_for(ctx.ticket, lora_a, lora_b, ctx.work)
         if ctx.needs_input_grad[2]:
             if h is not None:
-                grad_b = (s * (dy.mT @ h)) @ p_a.to(h.dtype)
+                grad_b = (s * (h.mT @ dy)).mT @ p_a.to(h.dtype)  # (h^T dY)^T: see SDS-LoRA
             else:
                 pa_a = (p_a @ lora_a.double()).to(dt)
                 xq = (xd @ pa_a.reshape(k * r, d_in).mT).view(-1, k, r).transpose(0, 1)
-                grad_b = s * (dy.mT @ xq)
-            grad_b = grad_b.to(lora_b.dtype)
+                grad_b = (s * (xq.mT @ dy)).mT
+            grad_b = grad_b.contiguous().to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
             lora_grad = (s * (gb.transpose(0, 1).reshape(-1, k * r).mT @ xd)).view(k, r, d_in)
             grad_a = (p_b.to(torch.float32) @ lora_grad.float()).to(lora_a.dtype)

@@ -106,7 +106,9 @@ class _SDSLoRADelta(torch.autograd.Function):
             else:
                 q_a = (m_a @ lora_a.double()).to(dt)
                 xq = (xd @ q_a.reshape(k * r, d_in).mT).view(-1, k, r).transpose(0, 1)
-            grad_b = (s * (dy.mT @ xq)).to(lora_b.dtype)
+            # (xq^T dY)^T, not dY^T xq: a BLAS product with the long n as the inner dimension
+            # and the skinny r as rows runs ~8x faster on CPU than the transposed one
+            grad_b = (s * (xq.mT @ dy)).mT.contiguous().to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
             gq = (gb @ m_b.to(dt)).transpose(0, 1).reshape(-1, k * r)  # dY Q_B
             grad_a = (s * (gq.mT @ xd)).view(k, r, d_in).to(lora_a.dtype)
