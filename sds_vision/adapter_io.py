@@ -116,8 +116,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise UserError(f"{wpath}: {key} has shape {tuple(tensors[key].shape)}, "
                             f"this model expects {tuple(dst.shape)}")
     with torch.no_grad():
-        for key, dst in expected.items():
-            dst.copy_(tensors[key])
+        if get_method(model_config(model).method).trains == "all":
+            for key, dst in expected.items():
+                dst.copy_(tensors[key])
+        else:
+            for name, mod in adapter_modules(model):  # a method may re-derive state (PiSSA)
+                mod.load_adapter_tensors({s: tensors[f"{PREFIX}{name}.{s}"]
+                                          for s in mod.adapter_tensors()})
+            for key, dst in head_tensors(model).items():
+                dst.copy_(tensors[key])
     return model
 
 

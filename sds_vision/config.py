@@ -36,6 +36,19 @@ class AdapterConfig:
     rslora: bool = _opt(False, "rank-stabilised scaling s = alpha/sqrt(r)")
     basis: str = _opt("polar", "orthonormal basis of the factors for the SDS gradient",
                       methods=("sds_lora",), choices=("polar", "qr"))
+    bases_refresh: str = _opt("authors", "when the bases are re-derived by QR: every step, or "
+                                         "the authors' schedule (every step in the first fifth "
+                                         "of training, ..., every 5th step in the last)",
+                              methods=("sds_lora_bases",), choices=("authors", "every"))
+    bases_startup: str = _opt("authors", "start-up: the authors' 50-step pre-phase and SVD "
+                                         "split at step 10, or random orthonormal bases",
+                              methods=("sds_lora_bases",), choices=("authors", "random"))
+    lora_plus_ratio: float = _opt(16.0, "learning rate of B / learning rate of A",
+                                  methods=("lora_plus",))
+    pissa_svd: str = _opt("exact", "SVD of W0 for the initial factors: exact, or randomized "
+                                   "(--pissa-niter power iterations)",
+                          methods=("pissa",), choices=("exact", "randomized"))
+    pissa_niter: int = _opt(4, "power iterations of the randomized SVD", methods=("pissa",))
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -49,6 +62,11 @@ class AdapterConfig:
             raise UserError(f"alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.lora_plus_ratio > 0:
+            raise UserError(f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio!r}")
+        if isinstance(self.pissa_niter, bool) or not isinstance(self.pissa_niter, int) \
+                or self.pissa_niter < 0:
+            raise UserError(f"pissa_niter must be an integer >= 0, got {self.pissa_niter!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -1,19 +1,21 @@
-"""Gradient diagnostics of LoRA / SDS-LoRA layers (docs/method.md, sections 1-3).
+"""Gradient diagnostics of low-rank adapter layers, any method (docs/method.md, sections 1-3).
 
 Per adapted layer (per slice for a fused qkv) and per logging step:
 
 * ``erank_gA`` / ``erank_gB``: effective rank of the factor gradients ``dL/dA``, ``dL/dB``,
   ``exp(H(p))`` with ``p = sigma / sum(sigma)`` (Roy & Vetterli, 2007);
-* ``srank_*``: stable rank ``||M||_F^2 / ||M||_2^2`` of ``A``, ``B`` and ``delta = s B A``;
+* ``srank_*``: stable rank ``||M||_F^2 / ||M||_2^2`` of ``A``, ``B`` and ``delta`` (the
+  layer's update ``delta_weight()``, ``s B A`` for LoRA);
 * ``cond_*``: condition number ``sigma_1 / sigma_r`` over the top ``r`` (adapter rank)
-  singular values of ``A``, ``B`` and ``delta`` (``delta`` has rank <= r, so the full-size
-  condition number would always be infinite); ``inf`` when ``sigma_r == 0`` (e.g. ``B = 0``);
-* ``cos_update``: ``cos(-G, s (dB A + B dA))``, the alignment between the full fine-tuning
-  gradient ``G = dY^T X`` of the layer (summed over tokens) and the first-order change of
-  ``delta`` that the optimizer step actually made (``dA``, ``dB`` = new - old parameters,
-  ``A``, ``B`` the factors before the step). 1 = the step moved ``delta`` exactly along
-  steepest descent of the full weight;
-* ``cos_update_exact``: the same with the exact change ``s (B' A' - B A)``.
+  singular values of ``A``, ``B`` and ``delta`` (a LoRA ``delta`` has rank <= r, so the
+  full-size condition number would always be infinite); ``inf`` when ``sigma_r == 0``;
+* ``cos_update``: ``cos(-G, d delta)``, the alignment between the full fine-tuning gradient
+  ``G = dY^T X`` of the layer (summed over tokens) and the first-order change of ``delta``
+  that the optimizer step made (``s (dB A + B dA)`` for LoRA, ``s (dB P_A + P_B dA)`` for the
+  bases form; buffers such as bases held at their values during the step). 1 = the step
+  moved ``delta`` exactly along steepest descent of the full weight;
+* ``cos_update_exact``: the same with the exact change of ``delta`` from before the step to
+  after it, including work done after the optimizer step (a base refresh).
 
 ``G`` is not otherwise available: ``GradientDiagnostics`` captures each adapted layer's
 input ``X`` and output gradient ``dY`` with hooks that exist only during logging steps
@@ -27,6 +29,7 @@ Standalone use: ``layer_diagnostics(module, x, dy, dA, dB)`` on any adapter laye
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from . import plotting
-from .methods.base import LowRankAdapter, adapter_modules
+from .methods.base import LowRankAdapter, adapter_modules, adapter_parameters
 from .train.rundir import DIAGNOSTICS_PNG
 
 __all__ = ["effective_rank", "stable_rank", "condition_number", "cosine", "full_gradient",
@@ -114,11 +117,12 @@ def layer_diagnostics(module: LowRankAdapter, x: torch.Tensor | None, dy: torch.
                       dA: torch.Tensor, dB: torch.Tensor, *, G: torch.Tensor | None = None,
                       A: torch.Tensor | None = None, B: torch.Tensor | None = None,
                       grad_A: torch.Tensor | None = None, grad_B: torch.Tensor | None = None,
+                      state_before: dict[str, torch.Tensor] | None = None,
                       ) -> dict[str, dict[str, float]]:
-    """Diagnostics of one adapter layer around one optimizer step.
+    """Diagnostics of one adapter layer (any method) around one optimizer step.
 
     Args:
-        module: a ``LoRALinear`` / ``SDSLoRALinear``.
+        module: an adapter layer (``LowRankAdapter``), holding its state AFTER the step.
         x, dy: the layer's input ``(..., in)`` and output gradient ``(..., out)`` of the
             step (may be ``None`` when ``G`` is given).
         dA, dB: the parameter change the optimizer step made (new - old), shaped like
@@ -128,46 +132,89 @@ def layer_diagnostics(module: LowRankAdapter, x: torch.Tensor | None, dy: torch.
             ``dA`` / ``dB`` (i.e. the module holds the factors after the step).
         grad_A, grad_B: the factor gradients; default ``module.lora_A.grad`` / ``.lora_B.grad``
             (the effective ranks are scale invariant, so clipping does not matter).
+        state_before: ``module.adapter_state()`` before the step (every parameter and
+            buffer; overrides ``A``/``B``); default: the current state with ``A``, ``B``.
+
+    The update of ``delta`` (the layer's ``delta_weight()``): ``cos_update`` uses its first-order
+    change from the parameters' change with the buffers (bases) as they were at the step;
+    ``cos_update_exact`` its whole change from the state before to the state after, which
+    includes work after the step such as a base refresh.
 
     Returns:
         ``{key: {metric: value}}`` with one key per slice: ``""`` for an unsliced layer,
         ``"[start:stop]"`` per fused slice. Metrics are those in ``METRICS``.
     """
     spans = _slices(module)
-    k, s = len(spans), module.scaling
+    k = len(spans)
     if G is None:
         if x is None or dy is None:
             raise ValueError("layer_diagnostics: give x and dy, or G")
         G = full_gradient(x, dy)
     G = G.detach().double()
-    if A is None:
-        A = module.lora_A.detach() - dA.detach()
-    if B is None:
-        B = module.lora_B.detach() - dB.detach()
+    after = module.adapter_state()
+    if state_before is None:
+        before = dict(after)
+        before["lora_A"] = (module.lora_A.detach() - dA.detach()) if A is None else A.detach()
+        before["lora_B"] = (module.lora_B.detach() - dB.detach()) if B is None else B.detach()
+    else:
+        before = state_before
+    A, B = before["lora_A"], before["lora_B"]
+    # the parameters as moved by the step, the buffers as they were at the step
+    moved = {**before, **{n: after[n] for n, _ in adapter_parameters(module)}}
     grad_A = module.lora_A.grad if grad_A is None else grad_A
     grad_B = module.lora_B.grad if grad_B is None else grad_B
-    A, B, dA, dB = (_as_blocks(t.detach().double(), k) for t in (A, B, dA, dB))
+    A, B = (_as_blocks(t.detach().double(), k) for t in (A, B))
     grad_A, grad_B = _as_blocks(grad_A, k), _as_blocks(grad_B, k)
+    first_order, exact, delta = _delta_changes(module, before, moved, after)
     r = module.rank
     out = {}
     for j, (lo, hi) in enumerate(spans):
-        a, b, da, db = A[j], B[j], dA[j], dB[j]
+        a, b = A[j], B[j]
         g = G[lo:hi]
-        first_order = s * (db @ a + b @ da)
-        exact = s * ((b + db) @ (a + da) - b @ a)
-        # delta = s B A = Q_B (s R_B R_A^T) Q_A^T: its singular values from an r x r core,
-        # so no SVD of an out x in matrix (ViT-B's qkv slice is 768 x 768).
-        delta = s * (torch.linalg.qr(b).R @ torch.linalg.qr(a.mT).R.mT)
         key = f"[{lo}:{hi}]" if module.slices else ""
         out[key] = {
             "erank_gA": effective_rank(grad_A[j]) if grad_A is not None else math.nan,
             "erank_gB": effective_rank(grad_B[j]) if grad_B is not None else math.nan,
-            "srank_A": stable_rank(a), "srank_B": stable_rank(b), "srank_delta": stable_rank(delta),
+            "srank_A": stable_rank(a), "srank_B": stable_rank(b),
+            "srank_delta": stable_rank(delta[j]),
             "cond_A": condition_number(a, r), "cond_B": condition_number(b, r),
-            "cond_delta": condition_number(delta, r),
-            "cos_update": cosine(-g, first_order), "cos_update_exact": cosine(-g, exact),
+            "cond_delta": condition_number(delta[j], r),
+            "cos_update": cosine(-g, first_order[j]), "cos_update_exact": cosine(-g, exact[j]),
         }
     return out
+
+
+def _delta_changes(module: LowRankAdapter, before: dict, moved: dict, after: dict
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per slice ``(k, ...)``: the first-order change of delta (parameters moved, buffers
+    held), its exact change (before -> after), and delta before the step (for its ranks),
+    all float64."""
+    def factors(state):
+        with module.state_swapped(state):
+            f = module.lowrank_factors()
+            return None if f is None else tuple(t.detach().to(torch.float64, copy=True) for t in f)
+
+    f0 = factors(before)
+    if f0 is not None:  # delta = s B' A' per slice
+        (a0, b0), (a1, b1), (a2, b2) = f0, factors(moved), factors(after)
+        s = module.scaling
+        first = s * ((b1 - b0) @ a0 + b0 @ (a1 - a0))
+        exact = s * (b2 @ a2 - b0 @ a0)
+        # delta = Q_B (s R_B R_A^T) Q_A^T: its singular values from a small core, so no SVD
+        # of an out x in matrix (ViT-B's qkv slice is 768 x 768)
+        core = s * (torch.linalg.qr(b0).R @ torch.linalg.qr(a0.mT).R.mT)
+        return first, exact, core
+
+    twin = copy.deepcopy(module).double()  # float64, or small changes cancel to noise
+
+    def dense(state):  # not low-rank (DoRA): the dense update, per slice
+        with twin.state_swapped({n: t.double() for n, t in state.items()}):
+            return twin._slice_rows(twin.delta_weight().detach()).clone()
+
+    # central difference: exact for updates that are quadratic in the parameters
+    minus = {n: 2 * before[n] - moved[n] for n in moved}
+    d0 = dense(before)
+    return 0.5 * (dense(moved) - dense(minus)), dense(after) - d0, d0
 
 
 class _Capture:
@@ -240,20 +287,19 @@ class GradientDiagnostics:
             m = mods[name]
             grads = tuple(None if p.grad is None else p.grad.detach().clone()
                           for p in (m.lora_A, m.lora_B))
-            self._before[name] = (cap.G, m.lora_A.detach().clone(), m.lora_B.detach().clone(),
-                                  *grads)
+            self._before[name] = (cap.G, m.adapter_state(), *grads)
         self._disarm()
 
     def on_after_optimizer_step(self, ctx) -> None:
         if self._before:
             mods = dict(adapter_modules(ctx.model))
-            for name, (G, a0, b0, ga, gb) in self._before.items():
+            for name, (G, state, ga, gb) in self._before.items():
                 m = mods[name]
                 if G is None:  # layer not reached by this step's backward
                     continue
-                da, db = m.lora_A.detach() - a0, m.lora_B.detach() - b0
-                res = layer_diagnostics(m, None, None, da, db, G=G, A=a0, B=b0,
-                                        grad_A=ga, grad_B=gb)
+                da, db = m.lora_A.detach() - state["lora_A"], m.lora_B.detach() - state["lora_B"]
+                res = layer_diagnostics(m, None, None, da, db, G=G, grad_A=ga, grad_B=gb,
+                                        state_before=state)
                 for key, metrics in res.items():
                     row = {"kind": "layer_diagnostics", "layer": name + key,
                            **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}

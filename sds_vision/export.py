@@ -36,11 +36,14 @@ def export_peft_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     if not get_method(cfg.method).low_rank:
         raise UserError(f"export_peft_adapter needs a low-rank method, got {cfg.method!r}")
     tensors: dict[str, torch.Tensor] = {}
-    targets, ranks, alphas = [], {}, {}
+    targets, ranks, alphas, options = [], {}, {}, {}
     for name, mod in adapter_modules(model):
         a, b = mod.peft_lora()
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+        for suffix, t in mod.peft_extra().items():  # e.g. DoRA's magnitude vector
+            tensors[f"{PREFIX}{name}.{suffix}"] = t.detach().float().cpu().contiguous()
+        options.update(mod.peft_options)
         targets.append(name)
         ranks[name], alphas[name] = a.shape[0], mod.scaling * a.shape[0]
     r0, alpha0 = ranks[targets[0]], alphas[targets[0]]
@@ -55,7 +58,7 @@ def export_peft_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha0},
         "modules_to_save": [head] if head else None,
         "lora_dropout": cfg.adapter.dropout, "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True})
+        "init_lora_weights": True, "inference_mode": True, **options})
     return out
 
 

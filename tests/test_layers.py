@@ -6,6 +6,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from sds_vision.layers import LoRALinear, SDSLoRALinear, orthonormal_basis
+from sds_vision.methods.precond_lora import PrecondLoRALinear
+from sds_vision.methods.sds_lora_bases import SDSLoRABasesLinear
 
 
 def _pair(d_in=24, d_out=18, rank=4, alpha=8.0, slices=None, basis="polar", seed=0):
@@ -245,3 +247,161 @@ def test_bad_arguments(kwargs, match):
 def test_rejects_non_linear():
     with pytest.raises(TypeError, match="adapts nn.Linear"):
         LoRALinear(nn.Conv2d(3, 3, 1), 1)
+
+
+# --- the other gradient laws (docs/method.md sections 3-5) ---------------------------------
+def _dense_g(x, g):
+    return torch.einsum("...o,...i->oi", g, x)  # G = dY^T X summed over tokens
+
+
+@pytest.mark.parametrize("slices", [None, [(0, 6), (12, 18)]])
+def test_bases_forward_and_gradients_against_dense_reference(slices):
+    torch.manual_seed(5)
+    base = nn.Linear(24, 18)
+    layer = SDSLoRABasesLinear(base, 4, 8.0, slices=slices)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x, g = torch.randn(3, 5, 24), torch.randn(3, 5, 18)
+    y, dx, da, db = _run(layer, x, g)
+    s = layer.scaling
+    p_a, p_b = layer.bases()
+    a, b = layer.factors()
+    spans = slices or [(0, 18)]
+    w = base.weight.detach().clone()
+    for i, (lo, hi) in enumerate(spans):
+        # bases are orthonormal, and the delta is s (B P_A + P_B A)
+        assert_close(p_a[i] @ p_a[i].T, torch.eye(4), atol=1e-6, rtol=0)
+        assert_close(p_b[i].T @ p_b[i], torch.eye(4), atol=1e-6, rtol=0)
+        w[lo:hi] += s * (b[i] @ p_a[i] + p_b[i] @ a[i]).detach()
+    assert_close(y, x @ w.T + base.bias)
+    assert_close(dx, g @ w)
+    assert_close(base.weight + layer.delta_weight(), w)
+    big_g = _dense_g(x, g)
+    for i, (lo, hi) in enumerate(spans):
+        ref_db = s * big_g[lo:hi] @ p_a[i].T
+        ref_da = s * p_b[i].T @ big_g[lo:hi]
+        got_da, got_db = (da[i], db[i]) if slices else (da, db)
+        assert_close(got_db, ref_db, rtol=1e-4, atol=1e-4)
+        assert_close(got_da, ref_da, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("slices", [None, [(0, 6), (12, 18)]])
+def test_precond_gradients_against_dense_reference(slices):
+    torch.manual_seed(6)
+    base = nn.Linear(24, 18)
+    lora = LoRALinear(base, 4, 8.0, slices=slices)
+    pre = PrecondLoRALinear(base, 4, 8.0, slices=slices)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+        pre.lora_A.copy_(_with_singular_values(lora.lora_A.view(-1, 4, 24)[0],
+                                               torch.tensor([3.0, 1.0, 0.1, 0.01]))
+                         .expand_as(pre.lora_A))
+        pre.lora_B.copy_(lora.lora_B)
+        lora.lora_A.copy_(pre.lora_A)
+    x, g = torch.randn(3, 5, 24), torch.randn(3, 5, 18)
+    y_l, dx_l, da_l, db_l = _run(lora, x, g)
+    y, dx, da, db = _run(pre, x, g)
+    assert_close(y, y_l)
+    assert_close(dx, dx_l)  # the input gradient is LoRA's
+    s = pre.scaling
+    big_g = _dense_g(x, g).double()
+    a, b = (t.detach().double() for t in pre.factors())
+    eye = torch.eye(4, dtype=torch.float64)
+    for i, (lo, hi) in enumerate(slices or [(0, 18)]):
+        lora_db = s * big_g[lo:hi] @ a[i].T
+        lora_da = s * b[i].T @ big_g[lo:hi]
+        ref_db = lora_db @ torch.linalg.inv(a[i] @ a[i].T + 1e-6 * eye)
+        ref_da = torch.linalg.inv(b[i].T @ b[i] + 1e-6 * eye) @ lora_da
+        got_da, got_db = (da[i], db[i]) if slices else (da, db)
+        assert_close(got_db.double(), ref_db, rtol=1e-4, atol=1e-4 * ref_db.abs().max().item())
+        assert_close(got_da.double(), ref_da, rtol=1e-4, atol=1e-4 * ref_da.abs().max().item())
+        lda, ldb = (da_l[i], db_l[i]) if slices else (da_l, db_l)
+        assert_close(ldb.double(), lora_db, rtol=1e-4, atol=1e-4)
+        # the preconditioner removes A's singular values: dB ~ G A^+ (cond 300 here)
+        assert not torch.allclose(got_db, ldb, rtol=0.1, atol=0.1)
+
+
+def test_precond_step_moves_delta_by_projections():
+    """docs/method.md section 3: with full-rank factors (delta -> 0) one plain gradient step
+    changes s B A, to first order, by -eta s^2 (G P_A + P_B G)."""
+    torch.manual_seed(7)
+    layer = PrecondLoRALinear(nn.Linear(20, 16), 3, 3.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, g = torch.randn(40, 20), torch.randn(40, 16)
+    _, _, da, db = _run(layer, x, g)
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    big_g = _dense_g(x, g).double()
+    first_order = layer.scaling * (db.double() @ a + b @ da.double())
+    pa = a.T @ torch.linalg.inv(a @ a.T) @ a
+    pb = b @ torch.linalg.inv(b.T @ b) @ b.T
+    assert_close(first_order, layer.scaling ** 2 * (big_g @ pa + pb @ big_g), rtol=1e-3, atol=1e-3)
+
+
+def test_refresh_bases_is_the_signed_qr_and_skips_small_factors():
+    torch.manual_seed(8)
+    layer = SDSLoRABasesLinear(nn.Linear(24, 18), 4, slices=[(0, 6), (12, 18)])
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        layer.lora_B[1, :, 0] = 1e-3  # slice 1 has a short column of B: kept as it is
+    old_a, old_b = layer.basis_A.clone(), layer.basis_B.clone()
+    layer.refresh_bases()
+    a, b = layer.lora_A.detach()[0].double(), layer.lora_B.detach()[0].double()
+    qa, ra = torch.linalg.qr(a.T)
+    qb, rb = torch.linalg.qr(b)
+    assert_close(layer.basis_A[0].double(), (qa * torch.sign(torch.diagonal(ra))).T,
+                 rtol=1e-5, atol=1e-6)
+    assert_close(layer.basis_B[0].double(), qb * torch.sign(torch.diagonal(rb)),
+                 rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.basis_A[1], old_a[1]) and torch.equal(layer.basis_B[1], old_b[1])
+    assert not torch.equal(layer.basis_A[0], old_a[0])
+
+
+def test_bases_update_svd_is_exact():
+    torch.manual_seed(9)
+    layer = SDSLoRABasesLinear(nn.Linear(30, 20), 3)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    u, sv, vh = layer.update_svd()
+    a, b, p_a, p_b = (t.detach().double() for t in (layer.lora_A, layer.lora_B, layer.basis_A,
+                                                     layer.basis_B))
+    dense = b @ p_a + p_b @ a
+    ref = torch.linalg.svdvals(dense)
+    assert_close(sv[0], ref[:3])
+    assert_close(u[0].T @ dense @ vh[0].T, torch.diag(ref[:3]), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", [SDSLoRALinear, PrecondLoRALinear])
+def test_batched_rxr_work_equals_per_layer_and_makes_one_call(cls, monkeypatch):
+    """All layers of one backward share ONE batched factorisation (rxr.py), with the same
+    gradients as the per-layer path."""
+    from sds_vision.methods import rxr
+    torch.manual_seed(10)
+    shapes = [(24, 18, None), (18, 18, [(0, 6), (12, 18)]), (18, 40, None)]
+    layers = nn.ModuleList(cls(nn.Linear(i, o), 4, slices=sl) for i, o, sl in shapes)
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_()
+
+    def grads():
+        for m in layers:
+            m.zero_grad()
+        x = torch.randn(7, 24, generator=torch.Generator().manual_seed(0))
+        layers[2](layers[1](layers[0](x) * 0.5 + 0.1)).square().sum().backward()
+        return [p.grad.clone() for m in layers for p in (m.lora_A, m.lora_B)]
+
+    name = "eigh" if cls is SDSLoRALinear else "inv_ex"
+    calls = []
+    real = getattr(torch.linalg, name)
+    monkeypatch.setattr(torch.linalg, name, lambda g, *a, **k: calls.append(g.shape) or real(g, *a, **k))
+    batched = grads()
+    assert calls == [(2 * 4, 4, 4)]  # one call: A and B sides of 4 (layer, slice) pairs
+    monkeypatch.setattr(rxr, "register", lambda *a, **k: None)  # per-layer path
+    calls.clear()
+    per_layer = grads()
+    assert len(calls) == 6
+    for gb, gp in zip(batched, per_layer):
+        assert_close(gb, gp, rtol=1e-6, atol=1e-7)

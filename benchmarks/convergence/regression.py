@@ -1,8 +1,9 @@
 """Controlled low-rank regression: steps to a loss target vs the condition number.
 
-One frozen ``nn.Linear`` ``W0`` (random, ``out x in``) adapted by the library's
-``LoRALinear`` / ``SDSLoRALinear`` (rank ``r``, ``alpha = r`` so scaling 1, standard init:
-A Kaiming-uniform, B = 0; the same seeded init for every method). The teacher is
+One frozen ``nn.Linear`` ``W0`` (random, ``out x in``) adapted by each variant's layer from
+the method registry (``variants.py``; rank ``r``, ``alpha = r`` so scaling 1, each method's
+own init from the same seed: LoRA's A Kaiming-uniform and B = 0, PiSSA's SVD of W0, the
+bases form's A = B = 0 with random bases). The teacher is
 ``W* = W0 + U diag(sigma) V^T`` with ``r`` singular values spaced geometrically from
 ``sigma_1`` to ``sigma_1 / kappa`` (``kappa`` = the condition number), scaled so that the
 initial loss is 1. Inputs: ONE fixed batch of ``n`` Gaussian samples, whitened so that
@@ -14,21 +15,32 @@ weight decay would bias the fit and cap the reachable loss).
 
 A run stops early when the loss falls below ``1e-10`` of the initial loss (float32 floor;
 below every target reported) or stops being finite (diverged: no target reached).
+
+Each method's training hooks run as the engine runs them: learning-rate multipliers
+(``param_lr_scales``, LoRA+) become parameter groups, and its callbacks (``BasesSchedule``:
+refreshes and the authors' pre-phase) get a ``TrainContext``. Pre-phase steps count: a
+variant's "steps to a target" include them, and its curve is shifted by them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sds_vision.layers import LoRALinear, SDSLoRALinear
+from sds_vision.config import AdapterConfig
+from sds_vision.methods import METHODS as REGISTRY
+from sds_vision.methods.base import adapter_parameters
+from sds_vision.train.callbacks import CallbackList, TrainContext
 
-METHODS = ("lora", "sds_polar", "sds_qr")
+from .variants import LOW_RANK, VARIANTS
+
+METHODS = LOW_RANK
 TARGETS = (1e-2, 1e-4)
 STOP_REL = 1e-10
 
@@ -56,46 +68,78 @@ def make_problem(p: Problem, kappa: float) -> tuple[torch.Tensor, torch.Tensor, 
     return w0.float(), x.float(), y.float()
 
 
-def make_layer(method: str, w0: torch.Tensor, rank: int, seed: int) -> nn.Module:
+def make_layer(variant: str, w0: torch.Tensor, rank: int, seed: int) -> nn.Module:
+    """The variant's adapter layer on a frozen copy of ``W0``, initialised from ``seed``."""
+    if variant not in VARIANTS or not VARIANTS[variant].low_rank:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {METHODS}")
+    v = VARIANTS[variant]
     base = nn.Linear(w0.shape[1], w0.shape[0], bias=False)
     with torch.no_grad():
         base.weight.copy_(w0)
-    torch.manual_seed(seed)  # same A init for every method
-    if method == "lora":
-        return LoRALinear(base, rank)
-    if method.startswith("sds_"):
-        return SDSLoRALinear(base, rank, basis=method[4:])
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    torch.manual_seed(seed)  # same A init for every LoRA-initialised method
+    return REGISTRY[v.method].layer_class().from_config(base, AdapterConfig(rank=rank,
+                                                                            **v.options))
+
+
+def make_optimizer(layer: nn.Module, opt: str, lr: float) -> torch.optim.Optimizer:
+    """SGD (no momentum) or AdamW (no weight decay) over the adapter's parameters, one group
+    per learning-rate multiplier the method asks for."""
+    scales = layer.param_lr_scales()
+    groups: dict[float, list] = {}
+    for name, p in adapter_parameters(layer):
+        groups.setdefault(scales.get(name, 1.0), []).append(p)
+    params = [{"params": ps, "lr": lr * sc} for sc, ps in groups.items()]
+    if opt == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {opt!r}")
 
 
 def train_curve(method: str, opt: str, lr: float, kappa: float, steps: int,
-                p: Problem = Problem()) -> np.ndarray:
-    """Relative loss ``L_t / L_0`` for t = 0..steps (shorter if stopped early; last = inf
-    if diverged)."""
+                p: Problem = Problem()) -> tuple[np.ndarray, int]:
+    """Relative loss ``L_t / L_0`` of the main phase, t = 0..steps (shorter if stopped
+    early; last = inf if diverged), and the number of pre-phase steps made before it."""
     w0, x, y = make_problem(p, kappa)
     layer = make_layer(method, w0, p.rank, p.seed + 1)
-    params = [layer.lora_A, layer.lora_B]
-    if opt == "sgd":
-        optim = torch.optim.SGD(params, lr=lr)
-    elif opt == "adamw":
-        optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    else:
-        raise ValueError(f"unknown optimizer {opt!r}")
+    optim = make_optimizer(layer, opt, lr)
+    callbacks = CallbackList(type(layer).training_callbacks(layer))
+
+    def step() -> torch.Tensor:
+        loss = F.mse_loss(layer(x), y)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        return loss
+
+    pre = [0]
+
+    def run_steps(n: int) -> None:
+        for _ in range(n):
+            step()
+            pre[0] += 1
+
+    ctx = TrainContext(model=layer, optimizer=optim, cfg=None, out_dir=Path("."),
+                       total_steps=steps, run_steps=run_steps)
+    with torch.no_grad():
+        initial = F.mse_loss(layer(x), y).item()
+    callbacks.on_train_start(ctx)
     losses = []
     for t in range(steps + 1):
         loss = F.mse_loss(layer(x), y)
         val = loss.item()
-        if not math.isfinite(val) or val > 1e6 * (losses[0] if losses else 1.0):
+        if not math.isfinite(val) or val > 1e6 * initial:
             losses.append(math.inf)
             break
         losses.append(val)
-        if t == steps or val < STOP_REL * losses[0]:
+        if t == steps or val < STOP_REL * initial:
             break
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-    rel = np.asarray(losses) / losses[0]
-    return rel
+        ctx.step = t + 1
+        callbacks.on_after_optimizer_step(ctx)
+    return np.asarray(losses) / initial, pre[0]
 
 
 def steps_to(rel: np.ndarray, target: float) -> int | None:
@@ -104,13 +148,14 @@ def steps_to(rel: np.ndarray, target: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
-def summarize_run(rel: np.ndarray, steps: int) -> dict:
+def summarize_run(rel: np.ndarray, steps: int, pre: int = 0) -> dict:
     diverged = bool(np.isinf(rel[-1]))
     finite = rel[np.isfinite(rel)]
-    return {"steps_to": {f"{t:g}": steps_to(rel, t) for t in TARGETS},
+    hits = {f"{t:g}": steps_to(rel, t) for t in TARGETS}
+    return {"steps_to": {k: None if v is None else v + pre for k, v in hits.items()},
             "final_rel_loss": math.inf if diverged else float(rel[-1]),
-            "min_rel_loss": float(finite.min()),
-            "diverged": diverged, "stopped_at": int(len(rel) - 1),
+            "min_rel_loss": float(finite.min()), "pre_steps": pre,
+            "diverged": diverged, "stopped_at": int(len(rel) - 1) + pre,
             "stopped_early": (not diverged) and len(rel) - 1 < steps}
 
 
@@ -133,10 +178,10 @@ def run_regression(kappas, lr_grids: dict[str, tuple[float, ...]], steps: int,
             for method in methods:
                 cands = []
                 for lr in lrs:
-                    rel = train_curve(method, opt, lr, kappa, steps, p)
+                    rel, pre = train_curve(method, opt, lr, kappa, steps, p)
                     s = {"optimizer": opt, "kappa": kappa, "method": method, "lr": lr,
-                         **summarize_run(rel, steps)}
-                    s["curve"] = _subsample(rel)
+                         **summarize_run(rel, steps, pre)}
+                    s["curve"] = [[i + pre, v] for i, v in _subsample(rel)]
                     runs.append(s)
                     cands.append(s)
                 b = min(cands, key=_rank_key)
@@ -145,10 +190,10 @@ def run_regression(kappas, lr_grids: dict[str, tuple[float, ...]], steps: int,
                             | {"lr_at_grid_edge": b_lr in (min(lrs), max(lrs)),
                                "curve": b["curve"]})
                 st = b["steps_to"]
-                log(f"  regression {opt:5s} kappa={kappa:<6g} {method:9s} best lr={b_lr:<7g} "
+                log(f"  regression {opt:5s} kappa={kappa:<6g} {method:16s} best lr={b_lr:<7g} "
                     f"steps to 1e-2: {_fmt(st['0.01'])}, 1e-4: {_fmt(st['0.0001'])}, "
                     f"final {b['final_rel_loss']:.1e}")
-    return {"problem": p.__dict__, "steps": steps, "kappas": list(kappas),
+    return {"problem": p.__dict__, "steps": steps, "kappas": list(kappas), "methods": list(methods),
             "lr_grids": {k: list(v) for k, v in lr_grids.items()}, "runs": runs, "best": best,
             "stop_rel": STOP_REL}
 

@@ -1,9 +1,11 @@
-"""Speed and memory of full fine-tuning, LoRA, SDS-LoRA (and peft LoRA) on one backbone.
+"""Speed and memory of every method of the registry (and peft's LoRA) on one backbone.
 
 Everything is measured in ONE process with interleaved repeats (method order rotates every
 repeat). Times are medians; ratios are medians of per-repeat ratios (methods timed back to
 back), so machine noise hits every method alike. Ratios are the result; absolute times
-depend on the machine.
+depend on the machine. A step includes the work a method does after the optimizer step (its
+engine callbacks): ``sds_lora_bases`` is timed with a QR refresh after EVERY step, its most
+expensive schedule.
 
     python benchmarks/speed/run.py                       # CPU default: vit_small, 224, batch 16
     python benchmarks/speed/run.py --quick               # smoke run (test_vit, 32 px)
@@ -30,6 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sds_vision import count_parameters, create_sds_model, merge_adapters, plotting
 from sds_vision.fileio import atomic_write_text
+from sds_vision.methods import METHODS
+from sds_vision.methods.base import method_callbacks
+from sds_vision.train.callbacks import CallbackList, TrainContext
+
+# options that make a method's per-step cost its worst case (see the module docstring)
+METHOD_OPTIONS = {"sds_lora_bases": {"bases_refresh": "every", "bases_startup": "random"}}
 
 TARGET_MODULES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -45,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per method (2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-peft", action="store_true", help="skip peft even if installed")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="methods to time (default: every method of the registry; LoRA, the "
+                        "reference of the ratios, is always added)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0 = torch's default, all cores)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (test_vit, 32 px)")
@@ -62,7 +73,23 @@ def parse_args(argv=None):
     return args
 
 
-def build(method, args):
+class Trained:
+    """A model, its optimizer and its method's engine callbacks, stepped like ``fit`` does."""
+
+    def __init__(self, model, opt):
+        self.model, self.opt = model, opt
+        callbacks = method_callbacks(model) if hasattr(model, "sds_config") else []
+        self.callbacks = CallbackList(callbacks)
+        self.ctx = TrainContext(model=model, optimizer=opt, cfg=None, out_dir=Path("."),
+                                total_steps=10**6)
+
+    def step(self, x, y, device):
+        train_step(self.model, self.opt, x, y, device)
+        self.ctx.step += 1
+        self.callbacks.on_after_optimizer_step(self.ctx)
+
+
+def build(method, args) -> Trained:
     kw = dict(img_size=args.img_size)
     if method == "peft_lora":
         import peft
@@ -72,12 +99,14 @@ def build(method, args):
                               modules_to_save=["head"])
         model = peft.get_peft_model(model, cfg)
     else:
-        model = create_sds_model(args.model, num_classes=10, method=method, rank=args.rank, **kw)
+        if METHODS[method].low_rank:
+            kw.update(rank=args.rank, **METHOD_OPTIONS.get(method, {}))
+        model = create_sds_model(args.model, num_classes=10, method=method, **kw)
     model.to(args.device)
     if args.device.startswith("cuda"):
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    return Trained(model, torch.optim.AdamW(params, lr=1e-4))
 
 
 def train_step(model, opt, x, y, device):
@@ -105,18 +134,18 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def memory_bytes(model, opt, x, y, device):
+def memory_bytes(trained: Trained, x, y, device):
     """Memory a method's training step needs beyond the resident weights, plus its optimizer
     state. CUDA: peak allocated during one step minus what was allocated before it (all
     methods' models share the device, so the absolute peak would hide the differences).
     CPU: bytes of the tensors saved for backward."""
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v))
+    state = sum(v.numel() * v.element_size() for s in trained.opt.state.values()
+                for v in s.values() if torch.is_tensor(v))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        train_step(model, opt, x, y, device)
+        trained.step(x, y, device)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before + state
     seen: dict[int, int] = {}
@@ -126,7 +155,7 @@ def memory_bytes(model, opt, x, y, device):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_step(model, opt, x, y, device)
+        trained.step(x, y, device)
     return sum(seen.values()) + state
 
 
@@ -135,7 +164,9 @@ def main(argv=None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    methods = ["full", "lora", "sds_lora"]
+    methods = list(args.methods or METHODS)
+    if "lora" not in methods:
+        methods.insert(0, "lora")  # the reference of every ratio
     try:
         if not args.no_peft:
             import peft  # noqa: F401
@@ -146,26 +177,26 @@ def main(argv=None) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
     y = torch.randint(0, 10, (args.batch_size,), device=dev)
     built = {m: build(m, args) for m in methods}
-    params = {m: count_parameters(built[m][0])["trainable"] if m != "peft_lora" else
-              sum(p.numel() for p in built[m][0].parameters() if p.requires_grad)
+    params = {m: count_parameters(built[m].model)["trainable"] if m != "peft_lora" else
+              sum(p.numel() for p in built[m].model.parameters() if p.requires_grad)
               for m in methods}
     print(f"{args.model} {args.img_size}px batch {args.batch_size} on {dev}: "
           f"warm-up {args.warmup}, {args.repeats} interleaved repeats", flush=True)
     for m in methods:
         for _ in range(args.warmup):
-            train_step(*built[m], x, y, dev)
+            built[m].step(x, y, dev)
     times = {m: [] for m in methods}
     for rep in range(args.repeats):
         order = methods[rep % len(methods):] + methods[:rep % len(methods)]
         for m in order:
-            times[m].append(timed(lambda m=m: train_step(*built[m], x, y, dev), dev))
+            times[m].append(timed(lambda m=m: built[m].step(x, y, dev), dev))
         print(f"  repeat {rep + 1}/{args.repeats}: " +
               ", ".join(f"{m} {times[m][-1]:.3f}s" for m in methods), flush=True)
-    mem = {m: memory_bytes(*built[m], x, y, dev) for m in methods}
+    mem = {m: memory_bytes(built[m], x, y, dev) for m in methods}
     step = {m: statistics.median(v) for m, v in times.items()}
 
     # Inference: merged SDS-LoRA model vs the plain base model, same weights otherwise.
-    sds_model = built["sds_lora"][0]
+    sds_model = built["sds_lora"].model if "sds_lora" in built else built["lora"].model
     merged = merge_adapters(sds_model).eval()
     plain = create_sds_model(args.model, num_classes=10, method="full",
                              img_size=args.img_size).to(dev).eval()
@@ -179,15 +210,20 @@ def main(argv=None) -> dict:
             for name, mdl in pair:
                 lat[name].append(timed(lambda mdl=mdl: mdl(x), dev))
     fwd = {k: statistics.median(v) for k, v in lat.items()}
-    ratios = {"sds/lora step": paired(times, "sds_lora", "lora"),
-              "sds/lora memory": mem["sds_lora"] / mem["lora"],
-              "lora/full step": paired(times, "lora", "full"),
-              "merged/base forward": paired(lat, "merged", "base")}
+    to_lora = {m: {"step": paired(times, m, "lora"), "memory": mem[m] / mem["lora"]}
+               for m in methods}
+    ratios = {"merged/base forward": paired(lat, "merged", "base")}
+    if "sds_lora" in to_lora:
+        ratios["sds/lora step"] = to_lora["sds_lora"]["step"]
+        ratios["sds/lora memory"] = to_lora["sds_lora"]["memory"]
+    if "full" in to_lora:
+        ratios["lora/full step"] = paired(times, "lora", "full")
     if "peft_lora" in step:
         ratios["ours lora/peft step"] = paired(times, "lora", "peft_lora")
         ratios["ours sds/peft step"] = paired(times, "sds_lora", "peft_lora")
     result = dict(setting=vars(args), machine=_machine(dev), step_s=step, times_s=times,
-                  memory_bytes=mem, trainable_params=params, forward_s=fwd, ratios=ratios)
+                  memory_bytes=mem, trainable_params=params, forward_s=fwd, ratios=ratios,
+                  ratios_to_lora=to_lora)
     report(result, Path(args.out), dev)
     return result
 
@@ -201,11 +237,12 @@ def _machine(dev):
 def report(result, out: Path, dev: str) -> None:
     mem_label = "step peak over resident + optim MB" if dev.startswith("cuda") else "saved+optim MB"
     lines = [f"Machine: {result['machine']}; torch {torch.__version__}", "",
-             f"| method | trainable params | step time (median s) | {mem_label} |",
-             "|---|---:|---:|---:|"]
+             f"| method | trainable params | step time (median s) | step / LoRA | {mem_label} | "
+             "memory / LoRA |", "|---|---:|---:|---:|---:|---:|"]
     for m, t in result["step_s"].items():
-        lines.append(f"| {m} | {result['trainable_params'][m]:,} | {t:.4f} | "
-                     f"{result['memory_bytes'][m] / 2**20:.1f} |")
+        r = result["ratios_to_lora"][m]
+        lines.append(f"| {m} | {result['trainable_params'][m]:,} | {t:.4f} | {r['step']:.3f} | "
+                     f"{result['memory_bytes'][m] / 2**20:.1f} | {r['memory']:.3f} |")
     lines += ["", "| forward (no grad) | median s |", "|---|---:|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["forward_s"].items()]
     lines += ["", "| ratio | value |", "|---|---:|"]
@@ -215,14 +252,14 @@ def report(result, out: Path, dev: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "speed.md", text + "\n")
     atomic_write_text(out / "speed.json", json.dumps(result, indent=2, default=str))
-    fig, axes = plotting.figure(1, 2, figsize=(9, 3.5))
+    fig, axes = plotting.figure(1, 2, figsize=(13, 4))
     names = list(result["step_s"])
     axes[0].bar(names, [result["step_s"][m] for m in names], color="tab:blue")
     axes[0].set_ylabel("train step, median s")
     axes[1].bar(names, [result["memory_bytes"][m] / 2**20 for m in names], color="tab:orange")
     axes[1].set_ylabel(mem_label)
     for ax in axes:
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=35)
     fig.suptitle(f"{result['setting']['model']}, batch {result['setting']['batch_size']}, "
                  f"{result['machine']}", fontsize=9)
     plotting.save(fig, out / "speed.png", dpi=120)

@@ -25,8 +25,9 @@ class Method:
         name: the identifier used everywhere (``--method``, files, reports).
         label: the name printed in tables and plots.
         trains: ``"adapters"`` (adapter factors + the new head), ``"all"`` or ``"head"``.
-        layer: ``"<module>:<class>"`` of the adapter layer, relative to this package, or
-            None for methods without adapters.
+        layer: ``"<module>:<class>"`` of the adapter layer, or None for methods without
+            adapters. ``".lora:LoRALinear"`` (leading dot) is a module of this package; a
+            method defined elsewhere gives an absolute module (``"my_methods:MyLinear"``).
         summary: one line for ``--help`` and the docs.
     """
 
@@ -45,14 +46,26 @@ class Method:
         if self.layer is None:
             raise UserError(f"method {self.name!r} has no adapter layer")
         module, cls = self.layer.split(":")
-        return getattr(importlib.import_module(f".{module}", __name__), cls)
+        package = __name__ if module.startswith(".") else None
+        return getattr(importlib.import_module(module, package), cls)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sds_lora", "SDS-LoRA", "adapters", "sds_lora:SDSLoRALinear",
+    Method("sds_lora", "SDS-LoRA", "adapters", ".sds_lora:SDSLoRALinear",
            "LoRA's forward; factor gradients through orthonormal bases of A and B"),
-    Method("lora", "LoRA", "adapters", "lora:LoRALinear",
+    Method("sds_lora_bases", "SDS-LoRA (bases)", "adapters",
+           ".sds_lora_bases:SDSLoRABasesLinear",
+           "the authors' SDS-LoRA: W0 + s·(B·P_A + P_B·A) with refreshed orthonormal bases"),
+    Method("lora", "LoRA", "adapters", ".lora:LoRALinear",
            "low-rank adapters W0 + s·BA (Hu et al. 2021)"),
+    Method("lora_plus", "LoRA+", "adapters", ".lora_plus:LoRAPlusLinear",
+           "LoRA with B's learning rate a multiple of A's (Hayou et al. 2024)"),
+    Method("precond_lora", "Precond. LoRA", "adapters", ".precond_lora:PrecondLoRALinear",
+           "LoRA with Riemannian-preconditioned factor gradients (Zhang & Pilanci 2024)"),
+    Method("dora", "DoRA", "adapters", ".dora:DoRALinear",
+           "weight-decomposed LoRA: magnitude x normalised direction (Liu et al. 2024)"),
+    Method("pissa", "PiSSA", "adapters", ".pissa:PiSSALinear",
+           "LoRA initialised from the top-r SVD of W0, on the residual (Meng et al. 2024)"),
     Method("full", "full fine-tuning", "all", None, "every weight trains"),
     Method("linear", "linear probing", "head", None, "only the new classifier head trains"),
 )}

@@ -16,21 +16,29 @@ whatever the base weight's dtype. Under autocast the adapter matmuls follow auto
 without autocast the adapter branch runs in float32 and its result is cast to the base
 output dtype. Merging (``delta_weight``) is computed in float32.
 
-Hooks a method may override:
+Hooks a method may override (``W0`` is the pretrained weight; every method but PiSSA keeps
+it as ``weight``):
     ``options``               AdapterConfig fields its constructor takes beyond the shared ones
     ``_delta(x2d)``           the adapter branch for flattened tokens -> ``(n, k, m)``
-    ``delta_weight()``        the dense update; ``merged_weight() = W0 + delta_weight()``
-    ``adapter_tensors()``     what an adapter file holds for this layer (peft-style suffixes)
-    ``peft_lora()``           (A, B) of an equivalent plain LoRA relative to W0, for export
+    ``lowrank_factors()``     ``(A', B')`` per slice with ``delta = s B' A'`` relative to W0, or
+                              None when the update is not low-rank (DoRA)
+    ``delta_weight()``        the dense update, so ``pretrained_weight() + delta_weight()`` is
+                              ``merged_weight()``, the weight of the equivalent ``nn.Linear``
+    ``pretrained_weight()``   W0 (PiSSA keeps a residual as ``weight``)
+    ``adapter_tensors()``     what an adapter file holds for this layer (peft-style suffixes);
+    ``load_adapter_tensors()`` puts them back (PiSSA re-derives its residual)
+    ``peft_lora()``           (A, B) of an equivalent plain LoRA relative to W0, for export;
+    ``peft_extra()``, ``peft_options``  further peft tensors and config keys (DoRA)
     ``param_lr_scales()``     learning-rate multipliers per parameter name (LoRA+)
     ``training_callbacks()``  engine callbacks the method needs (refreshes, start-up phases)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +83,7 @@ class LowRankAdapter(nn.Module):
     """
 
     options: ClassVar[tuple[str, ...]] = ()
+    peft_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None,
                  dropout: float = 0.0, rslora: bool = False,
@@ -134,6 +143,11 @@ class LowRankAdapter(nn.Module):
         """``s * B (A x)`` for flattened tokens -> ``(n, k, m)``."""
         raise NotImplementedError
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A', B')`` as ``(k, r', in)``, ``(k, m, r')`` with ``delta = s B' A'`` per slice,
+        relative to W0 (default: the factors themselves, ``r' = r``)."""
+        return self.factors()
+
     def _blocks_to_dense(self, blocks: torch.Tensor) -> torch.Tensor:
         """``(k, m, in)`` per-slice blocks -> a dense ``(out, in)`` matrix (zero elsewhere)."""
         if not self.slices:
@@ -141,31 +155,80 @@ class LowRankAdapter(nn.Module):
         delta = blocks.new_zeros(self.out_features, self.in_features)
         return delta.index_copy(0, self.slice_rows, blocks.reshape(-1, self.in_features))
 
+    def _slice_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """The adapted rows of an ``(out, in)`` matrix as ``(k, m, in)`` blocks."""
+        if not self.slices:
+            return w.unsqueeze(0)
+        return w.index_select(0, self.slice_rows).view(len(self.slices), -1, w.shape[-1])
+
     def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` as a dense ``(out, in)`` float32 matrix (zero outside the slices)."""
-        a, b = self.factors()
+        """The update as a dense ``(out, in)`` float32 matrix (zero outside the slices), so
+        that ``pretrained_weight() + delta_weight()`` is the merged weight."""
+        a, b = self.lowrank_factors()
         return self._blocks_to_dense(self.scaling * (b.float() @ a.float()))
+
+    def pretrained_weight(self) -> torch.Tensor:
+        """W0, the weight the layer was built from, float32."""
+        return self.weight.detach().float()
 
     def merged_weight(self) -> torch.Tensor:
         """The weight of the equivalent plain ``nn.Linear``, float32."""
-        return self.weight.detach().float() + self.delta_weight().detach()
+        return self.pretrained_weight() + self.delta_weight().detach()
 
     # --- files ---------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """What an adapter file holds for this layer, under peft-style key suffixes."""
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
-    def peft_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of a plain LoRA with this layer's scaling, ``W0 + s B A`` == merged.
+    @torch.no_grad()
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``adapter_tensors()``-keyed tensors (shapes already checked) into the layer."""
+        for key, dst in self.adapter_tensors().items():
+            dst.copy_(tensors[key])
 
-        Slices become one rank-``k*r`` LoRA: A stacks the slices' A's, B is block-structured
-        (rows outside the slices are zero)."""
-        a, b = (t.detach().float() for t in self.factors())
+    def peft_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of a plain LoRA with this layer's scaling, ``W0 + s B A`` == merged
+        (from ``lowrank_factors()``; a method without them overrides this)."""
+        return self._plain_lora(*self.lowrank_factors())
+
+    def _plain_lora(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slice factors ``(k, r', in)``, ``(k, m, r')`` as one rank-``k*r'`` LoRA of the
+        whole layer: A stacks the slices' A's, B is block-structured (zero outside the slices)."""
+        a, b = a.detach().float(), b.detach().float()
         k, r, _ = a.shape
         big_b = torch.zeros(self.out_features, k * r, dtype=torch.float32, device=b.device)
         for i, (start, stop) in enumerate(self.slices or [(0, self.out_features)]):
             big_b[start:stop, i * r:(i + 1) * r] = b[i]
         return a.reshape(k * r, -1), big_b
+
+    def peft_extra(self) -> dict[str, torch.Tensor]:
+        """Further tensors of the peft export, under peft's key suffixes (default: none)."""
+        return {}
+
+    # --- state snapshots (diagnostics) ---------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Copies of every parameter and buffer except the frozen ``weight``/``bias``."""
+        return {n: t.detach().clone() for n, t in self._adapter_tensors_by_name().items()}
+
+    @contextlib.contextmanager
+    def state_swapped(self, state: dict[str, torch.Tensor]):
+        """Temporarily hold ``state`` (names as in ``adapter_state()``, any subset)."""
+        live = self._adapter_tensors_by_name()
+        saved = {n: live[n].detach().clone() for n in state}
+        with torch.no_grad():
+            for n, t in state.items():
+                live[n].copy_(t)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    live[n].copy_(t)
+
+    def _adapter_tensors_by_name(self) -> dict[str, torch.Tensor]:
+        out = dict(adapter_parameters(self))
+        out.update((n, b) for n, b in self.named_buffers() if n != "slice_rows")
+        return out
 
     # --- training ------------------------------------------------------------------------
     def param_lr_scales(self) -> dict[str, float]:

@@ -1,0 +1,168 @@
+"""The r x r work of SDS-LoRA and preconditioned LoRA, batched over all layers of a backward.
+
+Both methods multiply their factor gradients by small matrices that depend only on the
+factors: SDS-LoRA by ``M = Gram^(-1/2)`` (polar) or ``L^-1`` (qr), preconditioned LoRA by
+``(Gram + delta I)^-1``, with ``Gram = A A^T`` or ``B^T B`` (r x r). Computed per layer inside
+each layer's backward, that is two tiny factorisations per adapted layer and step (about a
+hundred on a ViT-B with all projections adapted): on a GPU each is a few kernel launches, and
+``torch.linalg.eigh`` also waits for the device to check its result, so the backward would
+stall about a hundred times per step. Here every layer's forward registers its factors in a
+*group* (one per kind of work, rank and device); the first backward of the group (the last
+layer's) computes the transforms of all members at once: Gram matrices batched by factor
+shape, then ONE batched ``eigh`` (or Cholesky / inverse) for the whole group. The other
+layers' backwards only look their result up. docs/method.md (section 2.7) has the launch
+counts and the measurement.
+
+The numerics are the per-layer ones (float64 Gram, same thresholds); ``transform`` below is
+also what the per-layer fallback calls (under ``torch.compile``, where a forward must not
+touch Python state, and for callers of the autograd functions without a group).
+
+A group closes when a layer that is already a member runs its forward again (the next
+micro-batch or step) or when its first backward runs; parameters cannot change between a
+forward and its backward (autograd's saved-tensor check would refuse), so the transforms
+always match the factors the forward used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import NamedTuple
+
+import torch
+
+from ..errors import UserError
+
+KINDS = ("polar", "qr", "inv")
+
+
+class Work(NamedTuple):
+    """What to compute from each Gram matrix: ``kind`` in ``KINDS`` and its parameter
+    (``eps_rel`` for polar/qr, the damping ``delta`` for inv)."""
+
+    kind: str
+    eps: float
+
+
+def gram(factor: torch.Tensor, side: str) -> torch.Tensor:
+    """float64 ``A A^T`` (``side="row"``, A ``(k, r, in)``) or ``B^T B`` ("col", B ``(k, m, r)``).
+
+    float64: in float32 the Gram squares the condition number and weak directions turn to
+    noise."""
+    f = factor.double()
+    return f @ f.mT if side == "row" else f.mT @ f
+
+
+def transform(g: torch.Tensor, side: str, work: Work) -> torch.Tensor:
+    """The r x r matrix ``M`` of each Gram in the batch ``g`` (``(N, r, r)`` float64).
+
+    polar: ``M = Gram^(-1/2)`` on the directions with singular value above ``eps_rel``
+    times the largest (zero elsewhere), so ``Q_A = M A`` / ``Q_B = B M`` is an orthonormal
+    basis of the factor's numerical range. qr: ``M = L^-1`` (rows) or ``L^-T`` (columns) with
+    ``Gram = L L^T``, the sign-fixed thin QR; a rank-deficient factor falls back to polar
+    (same subspace). inv: ``M = (Gram + delta I)^-1``.
+    """
+    if work.kind == "inv":
+        eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+        return torch.linalg.inv_ex(g + work.eps * eye)[0]
+    if work.kind not in ("polar", "qr"):
+        raise UserError(f"r x r work must be one of {KINDS}, got {work.kind!r}")
+    evals, evecs = torch.linalg.eigh(g)  # ascending
+    sigma = evals.clamp_min(0).sqrt()
+    keep = sigma > work.eps * sigma[..., -1:]
+    inv_sigma = torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
+    m = (evecs * inv_sigma.unsqueeze(-2)) @ evecs.mT  # Gram^(-1/2) on the kept directions
+    if work.kind == "qr":
+        chol, info = torch.linalg.cholesky_ex(g)
+        full_rank = (keep.all(-1) & (info == 0))[:, None, None]
+        eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device).expand_as(g)
+        l_inv = torch.linalg.solve_triangular(torch.where(full_rank, chol, eye), eye, upper=False)
+        # rows: Q_A = L^-1 A;  columns: B = Q R with R = L^T, so Q_B = B L^-T
+        m = torch.where(full_rank, l_inv if side == "row" else l_inv.mT, m)
+    return m
+
+
+def factor_transforms(a: torch.Tensor, b: torch.Tensor, work: Work
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M_A, M_B)`` of one layer, ``(k, r, r)`` float64 each (the per-layer path)."""
+    return transform(gram(a, "row"), "row", work), transform(gram(b, "col"), "col", work)
+
+
+class _Group:
+    """Layers whose forwards registered the same kind of r x r work since the group opened."""
+
+    def __init__(self) -> None:
+        self.members: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.owners: set[int] = set()
+        self.results: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.work: Work | None = None
+
+    def add(self, owner: int, a: torch.Tensor, b: torch.Tensor, work: Work) -> int:
+        self.work = work
+        self.owners.add(owner)
+        self.members.append((a.detach(), b.detach()))
+        return len(self.members) - 1
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.results is None:
+            self._compute()
+        return self.results[index]
+
+    def _compute(self) -> None:
+        sizes = [a.shape[0] for a, _ in self.members]
+        grams = []
+        for side, which in (("row", 0), ("col", 1)):
+            by_shape: dict[tuple, list[int]] = defaultdict(list)
+            for i, member in enumerate(self.members):
+                by_shape[tuple(member[which].shape[1:])].append(i)
+            g = [None] * len(self.members)
+            for idx in by_shape.values():  # one Gram product per factor shape
+                stacked = gram(torch.cat([self.members[i][which] for i in idx]), side)
+                for i, part in zip(idx, stacked.split([sizes[i] for i in idx])):
+                    g[i] = part
+            grams.append(torch.cat(g))
+        n = grams[0].shape[0]
+        if self.work.kind == "qr":  # side-dependent result: one call per side
+            m_a, m_b = transform(grams[0], "row", self.work), transform(grams[1], "col", self.work)
+        else:  # symmetric result: ONE batched factorisation for both sides of every layer
+            m = transform(torch.cat(grams), "row", self.work)
+            m_a, m_b = m[:n], m[n:]
+        self.results = list(zip(m_a.split(sizes), m_b.split(sizes)))
+        self.members = []  # the factors are no longer needed
+
+
+class Ticket(NamedTuple):
+    group: _Group
+    index: int
+
+    def transforms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.group.get(self.index)
+
+
+_local = threading.local()
+
+
+def register(owner: object, a: torch.Tensor, b: torch.Tensor, work: Work) -> Ticket | None:
+    """Join the open group for ``work`` on this rank and device (called by a layer's forward).
+
+    Returns None (per-layer path) when nothing will be differentiated or under
+    ``torch.compile``."""
+    if not torch.is_grad_enabled() or not (a.requires_grad or b.requires_grad) \
+            or torch.compiler.is_compiling():
+        return None
+    groups = getattr(_local, "groups", None)
+    if groups is None:
+        groups = _local.groups = {}
+    key = (work, a.shape[-2], a.device)
+    group = groups.get(key)
+    if group is None or group.results is not None or id(owner) in group.owners:
+        group = groups[key] = _Group()
+    return Ticket(group, group.add(id(owner), a, b, work))
+
+
+def transforms_for(ticket: Ticket | None, a: torch.Tensor, b: torch.Tensor, work: Work
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M_A, M_B)`` for a backward: from the group when registered, else per layer."""
+    if ticket is not None:
+        return ticket.transforms()
+    return factor_transforms(a, b, work)
