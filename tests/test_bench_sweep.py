@@ -135,7 +135,8 @@ def test_dry_run_and_errors(tmp_path, capsys):
     data = make_tiny_vtab(tmp_path / "data", {"dtd": 3}, sizes=(8, 2, 6))
     out = tmp_path / "runs"
     base = ["--data-root", str(data), "--out", str(out), *COMMON]
-    assert run.main([*base, "--tasks", "dtd", "--dry-run", "--expect-sizes", "8", "2", "10"]) == 0
+    assert run.main([*base, "--tasks", "dtd", "--dry-run", "--expect-sizes", "8", "2", "10",
+                     "--methods", "sds_lora", "lora", "full", "linear"]) == 0
     log = capsys.readouterr().out
     assert "4 to run" in log and "would run dtd sds_lora seed 0" in log and not out.exists()
     assert "schedule: cosine to 1e-05, no warm-up" in log  # 1 epoch: warm-up capped at 0
@@ -186,7 +187,7 @@ def test_fgvc_folder_names_of_vpt_and_vpetl(tmp_path, capsys):
     names = ["StanfordCars", "StanfordDogs", "OxfordFlowers", "CUB_200_2011", "nabirds"]
     fg = make_tiny_fgvc(tmp_path / "fg", names)
     assert run.main(["--benchmark", "fgvc", "--data-root", str(fg), "--out", str(tmp_path / "r"),
-                     "--dry-run", *COMMON]) == 0
+                     "--dry-run", "--methods", "sds_lora", "lora", "full", "linear", *COMMON]) == 0
     log = capsys.readouterr().out
     assert "0 error(s)" in log and "plan: 20 runs (5 tasks x 4 methods x 1 seeds)" in log
     for t in ("cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"):

@@ -159,7 +159,8 @@ def test_missing_files_and_images(root):
 
 def test_dry_run_accepts_the_suite_and_names_problems(root, tmp_path, capsys):
     base = ["--benchmark", "sds_paper", "--data-root", str(root), "--out", str(tmp_path / "r"),
-            "--tasks", *DATASETS, "--model", "test_vit", "--no-pretrained", "--dry-run"]
+            "--tasks", *DATASETS, "--model", "test_vit", "--no-pretrained", "--dry-run",
+            "--methods", "sds_lora", "lora", "full", "linear"]
     assert run.main(base) == 0
     log = capsys.readouterr().out
     assert f"plan: {len(DATASETS) * 4 * 3} runs" in log and "1 seed" not in log

@@ -26,6 +26,7 @@ always match the factors the forward used.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -88,38 +89,58 @@ def factor_transforms(a: torch.Tensor, b: torch.Tensor, work: Work
     return transform(gram(a, "row"), "row", work), transform(gram(b, "col"), "col", work)
 
 
+class _Member:
+    """One layer's factors for one backward. Its ticket (kept by the autograd graph) holds it;
+    the group only refers to it weakly, so a graph freed without a backward (an evaluation
+    under grad, an interrupted step, another model) drops out of the group by itself."""
+
+    __slots__ = ("a", "b", "__weakref__")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a.detach(), b.detach()
+
+
 class _Group:
     """Layers whose forwards registered the same kind of r x r work since the group opened."""
 
-    def __init__(self) -> None:
-        self.members: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def __init__(self, work: Work) -> None:
+        self.members: list[weakref.ref] = []
         self.owners: set[int] = set()
-        self.results: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.work: Work | None = None
-
-    def add(self, owner: int, a: torch.Tensor, b: torch.Tensor, work: Work) -> int:
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.work = work
+
+    def add(self, owner: int, member: _Member) -> int:
         self.owners.add(owner)
-        self.members.append((a.detach(), b.detach()))
+        self.members.append(weakref.ref(member))
         return len(self.members) - 1
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, index: int, member: _Member) -> tuple[torch.Tensor, torch.Tensor]:
         if self.results is None:
-            self._compute()
+            live = {i: m for i, ref in enumerate(self.members) if (m := ref()) is not None}
+            self.members = []
+            try:
+                self.results = self._compute(live)
+            except torch.linalg.LinAlgError:
+                # one layer's factors are not finite (a diverged step): every layer computes
+                # its own, so the error is raised by the layer it belongs to
+                self.results = {}
+        if index not in self.results:
+            self.results[index] = factor_transforms(member.a, member.b, self.work)
         return self.results[index]
 
-    def _compute(self) -> None:
-        sizes = [a.shape[0] for a, _ in self.members]
+    def _compute(self, live: dict[int, _Member]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        order = list(live)
+        sizes = [live[i].a.shape[0] for i in order]
         grams = []
-        for side, which in (("row", 0), ("col", 1)):
+        for side, attr in (("row", "a"), ("col", "b")):
             by_shape: dict[tuple, list[int]] = defaultdict(list)
-            for i, member in enumerate(self.members):
-                by_shape[tuple(member[which].shape[1:])].append(i)
-            g = [None] * len(self.members)
-            for idx in by_shape.values():  # one Gram product per factor shape
-                stacked = gram(torch.cat([self.members[i][which] for i in idx]), side)
-                for i, part in zip(idx, stacked.split([sizes[i] for i in idx])):
-                    g[i] = part
+            for j, i in enumerate(order):
+                by_shape[tuple(getattr(live[i], attr).shape[1:])].append(j)
+            g = [None] * len(order)
+            for js in by_shape.values():  # one Gram product per factor shape
+                stacked = gram(torch.cat([getattr(live[order[j]], attr) for j in js]), side)
+                for j, part in zip(js, stacked.split([sizes[j] for j in js])):
+                    g[j] = part
             grams.append(torch.cat(g))
         n = grams[0].shape[0]
         if self.work.kind == "qr":  # side-dependent result: one call per side
@@ -127,16 +148,16 @@ class _Group:
         else:  # symmetric result: ONE batched factorisation for both sides of every layer
             m = transform(torch.cat(grams), "row", self.work)
             m_a, m_b = m[:n], m[n:]
-        self.results = list(zip(m_a.split(sizes), m_b.split(sizes)))
-        self.members = []  # the factors are no longer needed
+        return dict(zip(order, zip(m_a.split(sizes), m_b.split(sizes))))
 
 
 class Ticket(NamedTuple):
     group: _Group
     index: int
+    member: _Member
 
     def transforms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.group.get(self.index)
+        return self.group.get(self.index, self.member)
 
 
 _local = threading.local()
@@ -156,8 +177,9 @@ def register(owner: object, a: torch.Tensor, b: torch.Tensor, work: Work) -> Tic
     key = (work, a.shape[-2], a.device)
     group = groups.get(key)
     if group is None or group.results is not None or id(owner) in group.owners:
-        group = groups[key] = _Group()
-    return Ticket(group, group.add(id(owner), a, b, work))
+        group = groups[key] = _Group(work)
+    member = _Member(a, b)
+    return Ticket(group, group.add(id(owner), member), member)
 
 
 def transforms_for(ticket: Ticket | None, a: torch.Tensor, b: torch.Tensor, work: Work
