@@ -103,7 +103,9 @@ def test_dry_run_and_errors(tmp_path, capsys):
     base = ["--data-root", str(data), "--out", str(out), *COMMON]
     assert run.main([*base, "--tasks", "dtd", "--dry-run", "--expect-sizes", "8", "2", "10"]) == 0
     log = capsys.readouterr().out
-    assert "4 to run" in log and "would run dtd sds_lora seed 0" in log and not out.exists()
+    n_methods = len(run.METHODS)  # default --methods: every method of the registry
+    assert f"{n_methods} to run" in log and "would run dtd sds_lora seed 0" in log \
+        and not out.exists()
     assert run.main([*base, "--tasks", "dtd", "--dry-run"]) == 2             # default 800/200/1000
     assert "train800.txt: 8 examples, expected 800 (and 2 more" in capsys.readouterr().err
     assert run.main([*base, "--tasks", "dtd", "imagenet"]) == 2
