@@ -1,7 +1,7 @@
 """Convergence benchmark: every method of the registry, every figure from one run.
 
-    python benchmarks/convergence/run.py --out runs/convergence --threads 1   # ~30 min, 2 cores
-    python benchmarks/convergence/run.py --out /tmp/conv --quick              # smoke test
+    python benchmarks/convergence/run.py --out runs/convergence --threads 1   # ~21 min, 2 cores
+    python benchmarks/convergence/run.py --out /tmp/conv --quick              # smoke, ~15 s
 
 Part 1, a controlled low-rank regression (``regression.py``): steps to 1e-2 and 1e-4 of
 the initial loss vs the condition number of the target, plain SGD and AdamW, every low-rank
