@@ -91,12 +91,12 @@ def test_compile_every_method(tmp_path, monkeypatch, method):
     on CUDA), with no graph break, and matches the eager run."""
     from torch._dynamo.utils import counters
     train, val = random_split(16), random_split(8, seed=1)
-    eager = fit(cfg_for(tmp_path, method, epochs=1, batch_size=8), train, val, 3)
+    small = dict(epochs=1, batch_size=8, extra_timm_kwargs={"depth": 2})  # tracing time ~ depth
+    eager = fit(cfg_for(tmp_path, method, **small), train, val, 3)
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    compiled = fit(cfg_for(tmp_path / "c", method, epochs=1, batch_size=8, compile=True),
-                   train, val, 3)
+    compiled = fit(cfg_for(tmp_path / "c", method, compile=True, **small), train, val, 3)
     assert counters["stats"]["unique_graphs"] >= 1           # the model really was compiled
     assert not counters["graph_break"], dict(counters["graph_break"])  # the SDS Function too
     for key in ("train_loss", "val_loss", "val_top1"):

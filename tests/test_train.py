@@ -235,7 +235,8 @@ def test_seeded_dataset_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(ds[(1, 124)], a)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
                                          sampler=[(1, 123), (2, 5)])
-    assert torch.equal(next(iter(loader)), a)  # same values in a worker process
+    assert torch.equal(list(loader)[0], a)  # same values in a worker process (run to the end,
+    # so the worker exits now and not when the garbage collector finds the iterator)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -165,7 +165,10 @@ def fit(cfg: TrainConfig, train_ds, val_ds, num_classes: int, *, callbacks=(),
                           flush=True)
                 return run.read_json(FINAL)
             trainer = Trainer(cfg, train_ds, val_ds, num_classes, callbacks, info)
-            return trainer.run(mode, model)
+            try:
+                return trainer.run(mode, model)
+            finally:
+                trainer.close()
     finally:
         torch.set_num_threads(threads)
         cleanup(info)
@@ -457,6 +460,13 @@ class Trainer:
         self.callbacks.on_train_end(self.ctx)
         barrier(self.info)
         return final
+
+    def close(self) -> None:
+        """Stop DataLoader worker processes now (a sweep runs many fits in one process)
+        rather than whenever the garbage collector reaches this trainer."""
+        self.batches = self.val_batches = None
+        if hasattr(self, "ctx"):
+            self.ctx.run_steps = None  # the context refers back to this trainer
 
     # --- helpers --------------------------------------------------------------------------
     def check_finite(self) -> None:
