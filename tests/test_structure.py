@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sds_vision"
+# the team's private design notes (spelled in pieces so this file does not name them itself)
+PRIVATE_NOTES = ("shared" + "/", "METHOD" + ".md", "BENCHMARKS" + ".md")
 
 
 def _module_name(path: Path) -> str:
@@ -109,8 +111,8 @@ def test_docs_are_self_contained():
         if path.suffix not in (".py", ".md") or ".git" in path.parts:
             continue
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if "shared/design" in line or "METHOD.md" in line or "BENCHMARKS.md" in line:
+            if any(mark in line for mark in PRIVATE_NOTES):
                 offenders.append(f"{path.relative_to(ROOT)}:{i}")
-    assert not [o for o in offenders if not o.startswith("tests/test_structure.py")], offenders
+    assert not offenders, offenders
     readme = (ROOT / "README.md").read_text()
     assert "docs/method.md" in readme and "docs/benchmarks.md" in readme
