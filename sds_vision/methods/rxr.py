@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UserError
+from .base import low_rank_product
 
 KINDS = ("polar", "qr", "inv")
 
@@ -188,3 +189,60 @@ def transforms_for(ticket: Ticket | None, a: torch.Tensor, b: torch.Tensor, work
     if ticket is not None:
         return ticket.transforms()
     return factor_transforms(a, b, work)
+
+
+class TransformedGradDelta(torch.autograd.Function):
+    """``delta = s * B (A x)`` (LoRA's forward, exact input gradient) whose factor gradients
+    are LoRA's multiplied by the r x r transforms ``M_A``, ``M_B`` of the factors that this
+    layer's group computes in one batched call (``transforms_for``).
+
+    Shapes: x ``(n, in)``, A ``(k, r, in)``, B ``(k, m, r)`` -> delta ``(n, k, m)``. With dY
+    ``(n, k, m)`` and ``h = X A^T`` saved by the forward (as LoRA saves it):
+        dX = s (dY B) A
+        dB = s dY^T X A^T M_A^T = s dY^T (h M_A^T)
+        dA = s M_B^T B^T dY^T X = s ((dY B) M_B)^T X     reusing dY B from dX
+    SDS-LoRA (docs/method.md section 2): ``M_A A = Q_A`` and ``B M_B = Q_B`` are orthonormal
+    bases, so ``dB = s G Q_A^T`` and ``dA = s Q_B^T G``. Preconditioned LoRA: ``M = (Gram +
+    delta I)^-1`` (symmetric). Either costs LoRA's thin matmuls plus r x r work; no dense
+    ``out x in`` matrix. Reusing h is exact in exact arithmetic; in float32 its rounding is
+    amplified by at most cond(A) in A's weakest direction, the same order as the rounding of
+    A itself. In reduced precision (autocast) that would not hold, so there ``X (M_A A)^T``
+    is recomputed directly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling: float, work: Work, ticket):
+        h, out = low_rank_product(x, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, h if h.dtype == torch.float32 else None, lora_a, lora_b)
+        ctx.scaling, ctx.work, ctx.ticket = scaling, work, ticket
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, h, lora_a, lora_b = ctx.saved_tensors
+        s, dt = ctx.scaling, grad_out.dtype  # compute in the forward's (autocast) dtype
+        k, r, d_in = lora_a.shape
+        dy = grad_out.transpose(0, 1)  # (k, n, m)
+        a, xd = lora_a.to(dt), x.to(dt)
+        gb = dy @ lora_b.to(dt)  # dY B: (k, n, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((s * gb).transpose(0, 1).reshape(-1, k * r) @ a.reshape(k * r, d_in))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # M_A, M_B of every layer of this backward come from one batched call
+            m_a, m_b = transforms_for(ctx.ticket, lora_a, lora_b, ctx.work)
+        if ctx.needs_input_grad[2]:
+            if h is not None:
+                xq = h @ m_a.to(dt).mT
+            else:
+                q_a = (m_a @ lora_a.double()).to(dt)
+                xq = (xd @ q_a.reshape(k * r, d_in).mT).view(-1, k, r).transpose(0, 1)
+            # (xq^T dY)^T, not dY^T xq: a BLAS product with the long n as the inner dimension
+            # and the skinny r as rows runs ~8x faster on CPU than the transposed one
+            grad_b = (s * (xq.mT @ dy)).mT.contiguous().to(lora_b.dtype)
+        if ctx.needs_input_grad[1]:
+            gq = (gb @ m_b.to(dt)).transpose(0, 1).reshape(-1, k * r)  # dY Q_B
+            grad_a = (s * (gq.mT @ xd)).view(k, r, d_in).to(lora_a.dtype)
+        ctx.ticket = None  # release the group's results with this layer's graph
+        return grad_x, grad_a, grad_b, None, None, None

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import rxr
-from .base import LowRankAdapter, low_rank_product
+from .base import LowRankAdapter
 
 BASES = ("polar", "qr")
 
@@ -64,58 +64,6 @@ def orthonormal_basis(factor: torch.Tensor, side: str, basis: str = "polar",
     return q.to(factor.dtype)
 
 
-class _SDSLoRADelta(torch.autograd.Function):
-    """``delta = s * B (A x)`` with SDS factor gradients and the exact input gradient.
-
-    Shapes: x ``(n, in)``, A ``(k, r, in)``, B ``(k, m, r)`` -> delta ``(n, k, m)``.
-    Backward (docs/method.md), with dY ``(n, k, m)`` and ``Q_A = M_A A``, ``Q_B = B M_B``:
-        dX = s (dY B) A
-        dB = s dY^T (X Q_A^T) = s dY^T (h M_A^T)        with h = X A^T saved by the forward
-        dA = s (dY Q_B)^T X   = s ((dY B) M_B)^T X     reusing dY B from dX
-    So SDS-LoRA costs LoRA's thin matmuls plus r x r work; no dense ``out x in`` matrix.
-    Reusing h is exact in exact arithmetic; in float32 its rounding is amplified by at most
-    cond(A) in A's weakest direction, the same order as the rounding of A itself. In reduced
-    precision (autocast) that would not hold, so there ``X Q_A^T`` is recomputed directly.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling: float, work: rxr.Work, ticket):
-        h, out = low_rank_product(x, lora_a, lora_b, scaling)
-        ctx.save_for_backward(x, h if h.dtype == torch.float32 else None, lora_a, lora_b)
-        ctx.scaling, ctx.work, ctx.ticket = scaling, work, ticket
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, h, lora_a, lora_b = ctx.saved_tensors
-        s, dt = ctx.scaling, grad_out.dtype  # compute in the forward's (autocast) dtype
-        k, r, d_in = lora_a.shape
-        dy = grad_out.transpose(0, 1)  # (k, n, m)
-        a, xd = lora_a.to(dt), x.to(dt)
-        gb = dy @ lora_b.to(dt)  # dY B: (k, n, r)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ((s * gb).transpose(0, 1).reshape(-1, k * r) @ a.reshape(k * r, d_in))
-            grad_x = grad_x.to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # M_A, M_B of every layer of this backward come from one batched call (rxr.py)
-            m_a, m_b = rxr.transforms_for(ctx.ticket, lora_a, lora_b, ctx.work)
-        if ctx.needs_input_grad[2]:
-            if h is not None:
-                xq = h @ m_a.to(dt).mT
-            else:
-                q_a = (m_a @ lora_a.double()).to(dt)
-                xq = (xd @ q_a.reshape(k * r, d_in).mT).view(-1, k, r).transpose(0, 1)
-            # (xq^T dY)^T, not dY^T xq: a BLAS product with the long n as the inner dimension
-            # and the skinny r as rows runs ~8x faster on CPU than the transposed one
-            grad_b = (s * (xq.mT @ dy)).mT.contiguous().to(lora_b.dtype)
-        if ctx.needs_input_grad[1]:
-            gq = (gb @ m_b.to(dt)).transpose(0, 1).reshape(-1, k * r)  # dY Q_B
-            grad_a = (s * (gq.mT @ xd)).view(k, r, d_in).to(lora_a.dtype)
-        ctx.ticket = None  # release the group's results with this layer's graph
-        return grad_x, grad_a, grad_b, None, None, None
-
-
 class SDSLoRALinear(LowRankAdapter):
     """SDS-LoRA: LoRA's forward; factor gradients through orthonormal bases of the factors.
 
@@ -139,7 +87,8 @@ class SDSLoRALinear(LowRankAdapter):
     def _delta(self, x2d: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         work = rxr.Work(self.basis, self.eps_rel)
-        return _SDSLoRADelta.apply(x2d, a, b, self.scaling, work, rxr.register(self, a, b, work))
+        return rxr.TransformedGradDelta.apply(x2d, a, b, self.scaling, work,
+                                              rxr.register(self, a, b, work))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", basis={self.basis}"
