@@ -392,7 +392,6 @@ class Trainer:
                 or st.step_in_epoch == self.steps_per_epoch
             if log_now:
                 self.check_finite()
-            if log_now:
                 self._log_step(epoch, float(loss.item()))
             if cfg.save_every_steps and st.step % cfg.save_every_steps == 0 \
                     and st.step_in_epoch < self.steps_per_epoch:
