@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY, unit_layer_scale
+from test_train import TRAIN, VAL  # separable 3-class 32 px images
 from torch import nn
 from torch.testing import assert_close
 
@@ -285,25 +286,6 @@ def test_pissa_load_state_dict_keeps_the_residual_consistent():
 
 
 # --- sds_lora_bases through the engine: start-up, refresh schedule, exact resume ----------
-class _Blobs(torch.utils.data.Dataset):
-    """Separable 3-class images: class k brightens colour channel k (plus noise)."""
-
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.y = torch.arange(n) % 3
-        self.x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
-        self.x[torch.arange(n), self.y] += 1.0
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
-
-TRAIN, VAL = _Blobs(48, 0), _Blobs(15, 1)
-
-
 def _bases_cfg(tmp_path, name="run", refresh="every", startup="authors", **kw):
     base = dict(model="test_vit", method="sds_lora_bases", epochs=4, batch_size=16, lr=3e-2,
                 img_size=32, num_workers=0, warmup_epochs=1, out_dir=str(tmp_path / name),
