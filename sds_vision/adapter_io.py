@@ -91,8 +91,10 @@ def _check_same_build(saved: SDSConfig, have: SDSConfig, where: Path) -> None:
              ("num_classes", saved.num_classes, have.num_classes),
              ("modules", saved.modules, have.modules)]
     if saved.adapter is not None and have.adapter is not None:
+        # what the saved tensors mean: rank, placement and the scale s they are applied with
+        # (PiSSA's residual W0 - s B0 A0 depends on it too)
         pairs += [(k, getattr(saved.adapter, k), getattr(have.adapter, k))
-                  for k in ("rank", "targets")]
+                  for k in ("rank", "targets", "scaling")]
     for key, a, b in pairs:
         if a != b:
             raise UserError(f"{where}: adapter was made for {key}={a!r}, this model has "

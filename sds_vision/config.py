@@ -9,6 +9,7 @@ method-specific options, the methods it applies to.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,12 @@ class AdapterConfig:
                 raise UserError(f"{f.name} must be one of {', '.join(choices)}, "
                                 f"got {getattr(self, f.name)!r}")
 
+    @property
+    def scaling(self) -> float:
+        """``s`` of ``W0 + s·ΔW``: ``alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
@@ -87,6 +94,15 @@ class AdapterConfig:
             if f.name in d and not (d[f.name] is None and f.default is not None):
                 kw[f.name] = d[f.name]
         return cls(**kw)
+
+    def updated(self, **changes: Any) -> "AdapterConfig":
+        """A copy with ``changes`` applied; an unknown option is a one-line error."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise UserError(f"unknown adapter option {', '.join(unknown)}; the options are "
+                            f"{', '.join(names)}")
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def split_kwargs(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

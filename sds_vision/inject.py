@@ -12,7 +12,6 @@ around ``qkv``; they and every family without a table are refused.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,7 +125,7 @@ def inject_adapters(model: nn.Module, method: str, adapter: AdapterConfig | None
     spec = get_method(method)
     if not spec.low_rank:
         raise UserError(f"method {method!r} has no adapters to inject")
-    cfg = dataclasses.replace(adapter or AdapterConfig(), **adapter_kwargs)
+    cfg = (adapter or AdapterConfig()).updated(**adapter_kwargs)
     layer_cls = spec.layer_class()
     table = family_targets(model)
     plan = parse_targets(table, cfg.targets)

@@ -100,7 +100,7 @@ def create_sds_model(name: str, *, num_classes: int, method: str = "sds_lora",
     spec = get_method(method)
     timm_name = resolve_model_name(name)
     adapter_kwargs, timm_kwargs = AdapterConfig.split_kwargs(kwargs)
-    cfg = dataclasses.replace(adapter or AdapterConfig(), **adapter_kwargs) if spec.low_rank \
+    cfg = (adapter or AdapterConfig()).updated(**adapter_kwargs) if spec.low_rank \
         else None
     model = _create_timm(timm_name, num_classes, pretrained or checkpoint_path is not None,
                          checkpoint_path, timm_kwargs)

@@ -91,6 +91,11 @@ def test_refuses_other_model_rank_or_shape(tmp_path):
     other_classes = create_sds_model("test_vit", num_classes=9, rank=2, img_size=32)
     with pytest.raises(ValueError, match="num_classes=5"):
         load_adapter(other_classes, tmp_path / "a")
+    # same shapes, another scale s (alpha / r vs alpha / sqrt(r)): the outputs would differ
+    for kw in (dict(alpha=4.0), dict(rslora=True)):
+        with pytest.raises(ValueError, match="made for scaling=1.0, this model has scaling="):
+            load_adapter(_model(**kw), tmp_path / "a")
+    load_adapter(_model(alpha=2.0), tmp_path / "a")  # alpha = r is the default: the same s
     # a tampered file: right config, wrong tensor shape
     path = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(str(path))

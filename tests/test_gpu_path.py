@@ -182,7 +182,7 @@ def test_cuda_training_step(tmp_path, precision):
     "lora", "full", "linear",
     pytest.param("sds_lora", marks=pytest.mark.xfail(
         reason="torch.linalg.eigh checks its result on the host: one sync per call "
-               "(the batched r x r basis work of issue 11 item 4)", strict=False)),
+               "(once per backward: all layers of a rank share one batched call)", strict=False)),
 ])
 def test_cuda_no_sync_between_logging_steps(tmp_path, method):
     """CUDA's own sync detector over the steps between logging steps."""

@@ -164,3 +164,8 @@ def test_double_injection_is_refused():
     inject_adapters(model, "lora", rank=2)
     with pytest.raises(ValueError, match="already has adapters"):
         inject_adapters(model, "lora", rank=2)
+
+
+def test_unknown_adapter_option_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown adapter option rnak; the options are rank, "):
+        inject_adapters(_tiny("vit"), "lora", rnak=2)

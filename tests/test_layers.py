@@ -214,6 +214,32 @@ def test_cpu_autocast_bf16_matches_float32_within_bf16_precision():
     assert_close(sds.lora_A.grad, da32, rtol=5e-2, atol=5e-2 * da32.abs().max().item())
 
 
+def _ill_conditioned(cls, cond, seed=0):
+    """A layer whose B has singular values spread over ``cond`` (1 ... 1/cond)."""
+    torch.manual_seed(seed)
+    layer = cls(nn.Linear(24, 18), 4, 8.0)
+    u, _ = torch.linalg.qr(torch.randn(18, 4))
+    v, _ = torch.linalg.qr(torch.randn(4, 4))
+    with torch.no_grad():
+        layer.lora_B.copy_(u @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(cond)),
+                                                         4)) @ v)
+    return layer
+
+
+@pytest.mark.parametrize("cls,cond", [(SDSLoRALinear, 1e3), (PrecondLoRALinear, 1e2)])
+def test_cpu_autocast_bf16_dA_with_ill_conditioned_B(cls, cond):
+    """dA goes through B's transform M_B (entries up to 1/sigma_min): under autocast it must
+    be formed from B M_B in float64, not as (dY B) M_B with B rounded to bf16 first."""
+    layer = _ill_conditioned(cls, cond)
+    x, g = torch.randn(64, 24), torch.randn(64, 18)
+    _, _, da32, _ = _run(layer, x, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    layer.zero_grad()
+    y.backward(g.to(torch.bfloat16))
+    assert_close(layer.lora_A.grad, da32, rtol=0, atol=2e-2 * da32.abs().max().item())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -229,6 +255,7 @@ def test_cuda_autocast(dtype):
     y.backward(g.cuda().to(dtype))
     assert sds.lora_B.grad.dtype == torch.float32
     assert_close(sds.lora_B.grad.cpu(), db32, rtol=5e-2, atol=5e-2 * db32.abs().max().item())
+    assert_close(sds.lora_A.grad.cpu(), da32, rtol=5e-2, atol=5e-2 * da32.abs().max().item())
 
 
 @pytest.mark.parametrize("kwargs,match", [

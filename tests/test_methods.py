@@ -23,6 +23,7 @@ from sds_vision import (
     save_adapter,
 )
 from sds_vision.methods import low_rank_methods
+from sds_vision.methods.dora import DoRALinear
 from sds_vision.train import TrainConfig
 from sds_vision.train.engine import param_groups
 
@@ -216,6 +217,38 @@ def test_dora_equals_peft_dora(targets):
         close(mod.lora_magnitude.grad, mag_grad)
         close(mod.lora_A.grad, a_grad)
         assert mod.lora_A.grad.abs().max() > 0 and mod.lora_magnitude.grad.abs().max() > 0
+
+
+def test_dora_equals_peft_dora_under_bf16_autocast():
+    """The magnitude / norm scale stays float32 under autocast, as in peft: a 0.2 % magnitude
+    change (below bf16's spacing near 1) is not rounded away before it is applied, so the
+    bf16 outputs agree with peft's except for the last bit of a few (summation order)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    ours = DoRALinear(lin, 4, 4.0)
+    with torch.no_grad():
+        ours.lora_B.normal_(std=0.01)
+        ours.lora_magnitude.mul_(1.002)
+    plain = nn.Sequential(nn.Linear(64, 48))
+    plain[0].load_state_dict(lin.state_dict())
+    theirs = peft.get_peft_model(plain, peft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    layer = theirs.base_model.model[0]
+    a, b = ours.peft_lora()
+    x = torch.randn(512, 64)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+        layer.lora_magnitude_vector["default"].weight.copy_(
+            ours.peft_extra()["lora_magnitude_vector"])
+        assert_close(ours(x), theirs(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ours, y_theirs, y_base = ours(x), theirs(x), lin(x)
+    assert y_ours.dtype == y_theirs.dtype == torch.bfloat16
+    assert (y_ours != y_base).float().mean() > 0.5
+    assert (y_ours != y_theirs).float().mean() < 0.1  # 0.37 with the scale rounded to bf16
+    assert_close(y_ours, y_theirs, rtol=0, atol=2 ** -6)
 
 
 # --- PiSSA --------------------------------------------------------------------------------

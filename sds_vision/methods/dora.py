@@ -74,7 +74,9 @@ class DoRALinear(LowRankAdapter):
         with torch.no_grad():
             w = self._slice_rows(self.weight.float())
             norm = torch.linalg.norm(w + self.scaling * (b.float() @ a.float()), dim=-1)
-        scale = (self._magnitude() / norm).to(lora.dtype)  # (k, m); the norm is a constant
+        # (k, m), float32 even under autocast (as peft keeps it): bf16 would round a
+        # magnitude change under ~0.4 % to nothing; the norm is a constant
+        scale = self._magnitude() / norm
         k, m = scale.shape
         if dropout_active:  # W0 x' with the dropped-out input, as peft does
             w0 = self.weight if not self.slices else self.weight.index_select(0, self.slice_rows)
@@ -83,7 +85,7 @@ class DoRALinear(LowRankAdapter):
             base = (out if self.bias is None else out - self.bias).reshape(-1, self.out_features)
             base = base.index_select(1, self.slice_rows) if self.slices else base
             base = base.view(-1, k, m)
-        delta = ((scale - 1) * base.to(lora.dtype) + scale * lora).to(out.dtype)
+        delta = ((scale - 1) * base + scale * lora).to(out.dtype)
         if not self.slices:
             return out + delta.reshape(out.shape)
         flat = out.reshape(-1, self.out_features)
@@ -99,10 +101,9 @@ class DoRALinear(LowRankAdapter):
     def peft_extra(self) -> dict[str, torch.Tensor]:
         """peft's magnitude vector covers every output row: outside the slices it is the
         row norm of W0, computed as peft computes its norm, so that ``m / n = 1`` there."""
+        if not self.slices:
+            return {"lora_magnitude_vector": self.lora_magnitude.detach().float().clone()}
         a, b = self.peft_lora()
         full = torch.linalg.norm(self.weight.detach().float() + self.scaling * (b @ a), dim=1)
-        if self.slices:
-            full = full.index_copy(0, self.slice_rows, self.lora_magnitude.detach().flatten())
-        else:
-            full = self.lora_magnitude.detach().float().clone()
+        full = full.index_copy(0, self.slice_rows, self.lora_magnitude.detach().flatten())
         return {"lora_magnitude_vector": full}

@@ -207,7 +207,7 @@ class TransformedGradDelta(torch.autograd.Function):
     ``out x in`` matrix. Reusing h is exact in exact arithmetic; in float32 its rounding is
     amplified by at most cond(A) in A's weakest direction, the same order as the rounding of
     A itself. In reduced precision (autocast) that would not hold, so there ``X (M_A A)^T``
-    is recomputed directly.
+    and ``dY (B M_B)`` are computed from the bases formed in float64 (one more thin matmul).
     """
 
     @staticmethod
@@ -242,7 +242,11 @@ class TransformedGradDelta(torch.autograd.Function):
             # and the skinny r as rows runs ~8x faster on CPU than the transposed one
             grad_b = (s * (xq.mT @ dy)).mT.contiguous().to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
-            gq = (gb @ m_b.to(dt)).transpose(0, 1).reshape(-1, k * r)  # dY Q_B
+            if h is not None:
+                gq = gb @ m_b.to(dt)  # dY Q_B = (dY B) M_B, reusing dY B
+            else:  # dY (B M_B): M_B's entries reach 1/sigma_min, too large for half types
+                gq = dy @ (lora_b.double() @ m_b).to(dt)
+            gq = gq.transpose(0, 1).reshape(-1, k * r)
             grad_a = (s * (gq.mT @ xd)).view(k, r, d_in).to(lora_a.dtype)
         ctx.ticket = None  # release the group's results with this layer's graph
         return grad_x, grad_a, grad_b, None, None, None
