@@ -51,6 +51,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nsee `{self.prog} --help`\n")
 
 
+def _int_from(minimum: int):
+    """argparse type: an integer >= ``minimum`` (for flags that go to no config class)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {value})")
+        return value
+    return parse
+
+
 def _crop_scale(text: str) -> tuple[float, float]:
     try:
         return parse_crop_scale(text)
@@ -221,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="image folder (default: the run's)")
     ev.add_argument("--split", default="val", choices=("train", "val", "test"),
         help="which split (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int, default=64,
+    ev.add_argument("--batch-size", type=_int_from(1), default=64,
         help="evaluation batch size (default: %(default)s)")
-    ev.add_argument("--workers", type=int, default=0,
+    ev.add_argument("--workers", type=_int_from(0), default=0,
         help="DataLoader workers (default: %(default)s)")
     ev.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     pr = sub.add_parser("predict", help="top-k predictions for images or folders -> CSV",
@@ -231,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(searched recursively), as CSV.")
     _run_args(pr)
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    pr.add_argument("--top-k", type=int, default=5, help="classes per image (default: %(default)s)")
-    pr.add_argument("--batch-size", type=int, default=64, help="batch size (default: %(default)s)")
+    pr.add_argument("--top-k", type=_int_from(1), default=5,
+        help="classes per image (default: %(default)s)")
+    pr.add_argument("--batch-size", type=_int_from(1), default=64,
+        help="batch size (default: %(default)s)")
     pr.add_argument("--out", default="-", help="CSV file (default: stdout)")
     ex = sub.add_parser("export", help="merge adapters into a plain timm checkpoint, or write "
                                        "a peft adapter",

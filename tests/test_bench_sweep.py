@@ -4,6 +4,7 @@ errors, FGVC folder names, a one-run FGVC sweep, and the SDS-LoRA paper suite.""
 
 import csv
 import json
+import shutil
 import statistics
 
 import pytest
@@ -129,6 +130,12 @@ def test_vtab_sweep_report_resume(tmp_path, capsys):
     assert run.main([*argv, "--mode", "tune", "--tasks", "kitti", "--methods", "lora"]) == 0
     assert (out / "tune/kitti/lora/seed0/final_metrics.json").is_file()
     assert (d / "bench.json").is_file() and not (d / "final_metrics.json").exists()
+    # a run that failed before its first checkpoint holds no result: new settings are taken
+    shutil.rmtree(d / "checkpoints")
+    assert run.main([*argv, "--tasks", "kitti", "--methods", "linear",
+                     "--normalization", "inception"]) == 0
+    assert json.loads((d / "bench.json").read_text())["preprocess"]["normalization"] == \
+        "inception" and (d / "final_metrics.json").is_file()
 
 
 def test_dry_run_and_errors(tmp_path, capsys):

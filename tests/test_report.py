@@ -96,6 +96,14 @@ def test_report_files_and_labels(partial_runs, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_mode_without_runs_leaves_the_report_alone(partial_runs):
+    write_report(partial_runs)
+    before = (partial_runs / "report.md").read_text()
+    with pytest.raises(ValueError, match="no finished runs in split mode 'tune'"):
+        write_report(partial_runs, mode="tune")
+    assert (partial_runs / "report.md").read_text() == before
+
+
 def test_params_column(partial_runs):
     md = (write_report(partial_runs)["report.md"]).read_text()
     assert "| full fine-tuning | last epoch (ours) | 80.00 (partial: 1/7 tasks)" in md

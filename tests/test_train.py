@@ -163,6 +163,11 @@ def test_resume_refuses_other_config_and_finished_run_needs_overwrite(tmp_path):
         fit(cfg_for(tmp_path, epochs=1), TRAIN, VAL, NUM_CLASSES)
     with pytest.raises(TrainError, match=r"different config.*lr: 0.003 -> 0.01"):
         fit(cfg_for(tmp_path, epochs=1, lr=1e-2, resume=True), TRAIN, VAL, NUM_CLASSES)
+    # without checkpoints/last.pt there is nothing to check a resume against: refused too
+    (tmp_path / "run/checkpoints/last.pt").rename(tmp_path / "last.pt")
+    with pytest.raises(TrainError, match=r"finished run without checkpoints/last.pt"):
+        fit(cfg_for(tmp_path, epochs=1, lr=1e-2, resume=True), TRAIN, VAL, NUM_CLASSES)
+    assert json.loads((tmp_path / "run/config.json").read_text())["lr"] == 3e-3
     again = fit(cfg_for(tmp_path, epochs=1, lr=1e-2, overwrite=True), TRAIN, VAL, NUM_CLASSES)
     assert json.loads((tmp_path / "run/config.json").read_text())["lr"] == 1e-2
     assert again["steps"] == 3

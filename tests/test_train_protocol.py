@@ -89,6 +89,32 @@ def test_engine_records_the_per_epoch_lr_of_timms_scheduler(tmp_path):
                  torch.tensor(ref, dtype=torch.float64), rtol=0, atol=0)
 
 
+class _LrSeen(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, ctx) -> None:
+        self.lrs.append(ctx.optimizer.param_groups[0]["lr"])
+
+
+def test_logs_report_the_lr_each_step_trained_with(tmp_path):
+    """Per-step schedule: steps.jsonl and metrics.jsonl give the lr of the step just taken,
+    not the next step's (the scheduler has already moved on when they are written)."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    ds = torch.utils.data.TensorDataset(x, y)
+    cfg = TrainConfig(model="test_vit", method="lora", adapter={"rank": 2}, epochs=3,
+                      batch_size=4, lr=1e-2, warmup_epochs=1, sched_per="step", img_size=32,
+                      num_workers=0, eval_every=0, log_every_steps=1, progress=False,
+                      out_dir=str(tmp_path / "run"))
+    seen = _LrSeen()
+    fit(cfg, ds, ds, 3, callbacks=[seen])
+    run = tmp_path / "run"
+    steps = [json.loads(r) for r in (run / "steps.jsonl").read_text().splitlines()]
+    epochs = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(set(seen.lrs)) == 6 and [r["lr"] for r in steps] == seen.lrs
+    assert [r["lr"] for r in epochs] == seen.lrs[1::2]  # each epoch's last step
+
+
 class _Grads(Callback):
     """Keeps the gradients the optimizer step sees."""
 

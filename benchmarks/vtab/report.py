@@ -135,6 +135,9 @@ def summarise(results: list[RunResult], mode: str | None = None) -> Summary:
             raise ValueError(f"runs of several split modes {sorted(modes)}; pick one with --mode")
         mode = modes.pop()
     results = [r for r in results if r.mode == mode]
+    if not results:  # an empty report must not replace a real one
+        raise ValueError(f"no finished runs in split mode {mode!r} (there are: "
+                         f"{', '.join(sorted(modes))})")
     bench = get_benchmark(benches.pop())
     order = list(METHODS)
     methods = sorted({r.method for r in results},

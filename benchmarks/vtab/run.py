@@ -52,7 +52,7 @@ from sds_vision.data.vtab import BenchmarkDataError
 from sds_vision.fileio import atomic_write_json
 from sds_vision.methods import METHODS, get_method
 from sds_vision.train.config import PRECISIONS
-from sds_vision.train.rundir import BENCH, RESULT
+from sds_vision.train.rundir import BENCH, FINAL, RESULT, RunDir
 
 # bench.json fields that must match when a run directory is resumed.
 _IDENTITY = ("benchmark", "task", "method", "seed", "mode", "model", "hparams", "adapter",
@@ -246,9 +246,12 @@ def _values(x):
 
 
 def check_settings(d: Path, rec: dict) -> None:
-    """Refuse a run folder (finished or not) that was made with other settings."""
+    """Refuse a run folder (finished or not) that was made with other settings. A folder
+    with no training state yet (the run failed before its first checkpoint) takes the new
+    settings."""
     old = d / BENCH
-    if old.is_file():
+    trained = RunDir(d).last.is_file() or (d / FINAL).is_file()
+    if old.is_file() and trained:
         prev = json.loads(old.read_text())
         diff = [k for k in _IDENTITY if json.dumps(_values(prev.get(k)), sort_keys=True)
                 != json.dumps(_values(rec.get(k)), sort_keys=True)]
@@ -353,17 +356,19 @@ def run_sweep(args) -> int:
           f"{preprocess_for(args.benchmark, args.img_size, args.normalization).normalization}",
           flush=True)
     _print_plan(args, names, rep)
+    problem = None
+    if args.pretrained and todo:  # the weights every run will load: say now if they are missing
+        from sds_vision.models import weights_problem
+        problem = weights_problem(resolve_model_name(args.model), args.checkpoint_path)
     if args.dry_run:
         for p in todo:
             print(f"  would run {p.task} {p.method} seed {p.seed} -> "
                   f"{run_dir(args.out, args.mode, p.task, p.method, p.seed)}")
-        if args.pretrained:  # the weights every run will load: say now if they are missing
-            from sds_vision.models import weights_problem
-            problem = weights_problem(resolve_model_name(args.model), args.checkpoint_path)
+        if args.pretrained and todo:
             print(f"weights: {problem or 'found'}", flush=True)
-            if problem:
-                return 2
-        return 0
+        return 2 if problem else 0
+    if problem:  # not once per run, after the sweep has started
+        raise BenchmarkDataError(problem)
     failures = dispatch(args, plan, todo)
     if not args.no_report:
         from benchmarks.vtab.report import write_report
@@ -469,9 +474,11 @@ def _run_workers(args, order: list[RunSpec], workers: int,
     out: list[tuple[RunSpec, str]] = []
     while len(out) < len(order):
         try:
-            spec, status, top1, secs, err, w = results.get(timeout=10)
+            # once every worker has exited, only what they posted before exiting is left
+            alive = any(p.is_alive() for p in procs)
+            spec, status, top1, secs, err, w = results.get(timeout=10 if alive else 1)
         except queue.Empty:
-            if not any(p.is_alive() for p in procs):  # a worker died without reporting
+            if not alive:  # a worker died without reporting
                 print(f"workers exited with {len(order) - len(out)} run(s) unreported",
                       flush=True)
                 reported = {s for s, _ in out}

@@ -5,7 +5,8 @@ For tests and for smoke-testing the harness end to end without the real data:
 
     python -m benchmarks.vtab.tiny vtab /tmp/tiny_vtab --tasks cifar dtd
     python benchmarks/vtab/run.py --data-root /tmp/tiny_vtab --tasks cifar dtd \
-        --model test_vit --epochs 1 --img-size 32 --out /tmp/runs --expect-sizes 8 2 10
+        --model test_vit --no-pretrained --epochs 1 --img-size 32 --batch-size 8 --out /tmp/runs \
+        --expect-sizes 8 2 10
 
 Images are flat colours per class plus noise (so a model can learn something), written
 as JPEG and PNG alternately, with varied sizes.

@@ -123,6 +123,11 @@ class TrainConfig:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.head_lr is not None and not self.head_lr > 0:
             problems.append(f"head_lr must be > 0 (got {self.head_lr})")
+        if self.clip_grad is not None and not self.clip_grad >= 0:  # < 0 flips the gradients
+            problems.append(f"clip_grad must be >= 0, 0 or None = off (got {self.clip_grad})")
+        for name in ("threads", "eval_batch_size"):  # optional; None = the default
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.weight_decay < 0 or self.min_lr < 0:
             problems.append("weight_decay and min_lr must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -156,8 +156,9 @@ def fit(cfg: TrainConfig, train_ds, val_ds, num_classes: int, *, callbacks=(),
         torch.set_num_threads(cfg.threads)
     try:
         run = RunDir(cfg.out_dir)
-        mode = run.check(cfg.resume, cfg.overwrite)
+        run.check(cfg.resume, cfg.overwrite)  # a one-line refusal before taking the lock
         with run.lock() if info.is_main else contextlib.nullcontext():
+            mode = run.check(cfg.resume, cfg.overwrite)  # the holder may have finished since
             if mode == "finished":
                 load_resumable(run, cfg)
                 if info.is_main and cfg.progress:
@@ -255,13 +256,13 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
     def run(self, mode: str, model: nn.Module | None) -> dict:
         cfg, info, run = self.cfg, self.info, self.run_dir
-        barrier(info)  # every rank decided before rank 0 touches anything
+        self.setup(model)  # a setting that fails here leaves the run folder as it was
+        barrier(info)  # every rank set up before rank 0 touches the folder
         if info.is_main:
             if cfg.overwrite:
                 run.clear()
             run.prepare()
         barrier(info)
-        self.setup(model)
         self.progress = Progress(cfg.epochs, self.steps_per_epoch,
                                  enabled=info.is_main and cfg.progress)
         self.callbacks = CallbackList(method_callbacks(self.model) + self.user_callbacks)
@@ -277,6 +278,7 @@ class Trainer:
             seed_everything(cfg.seed + 1_000_003 * info.rank)  # per-rank dropout streams
         self.scheduler.step(schedule.epoch_position(cfg, self.state.epoch))
         self.scheduler.step_update(self.state.step)
+        self.lr_used = self.optimizer.param_groups[0]["lr"]
         self._prepare_logs(resumed=mode == "resume")
         self.progress.write(self._describe())
         self.ctx.step, self.ctx.epoch = self.state.step, self.state.epoch
@@ -377,6 +379,7 @@ class Trainer:
                 raise
             st.step += 1
             st.step_in_epoch += 1
+            self.lr_used = self.optimizer.param_groups[0]["lr"]  # what logs report, not the next
             self.scheduler.step_update(st.step)
             self.callbacks.on_after_optimizer_step(self.ctx)
             self.first_bad = torch.minimum(
@@ -399,7 +402,7 @@ class Trainer:
                 self.save_last()
 
     def _log_step(self, epoch: int, loss: float) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.lr_used
         if self.info.is_main:
             self.run_dir.append_jsonl(STEPS, {"step": self.state.step, "epoch": epoch + 1,
                                               "train_loss": loss, "lr": lr})
@@ -419,7 +422,7 @@ class Trainer:
                            channels_last=cfg.channels_last, info=info)
         else:  # skipped epoch: no val numbers (None in metrics files, gaps in the plot)
             val = {"val_loss": None, "val_top1": None, "val_top5": None}
-        row = {"epoch": epoch + 1, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch + 1, "step": st.step, "lr": self.lr_used,
                "train_loss": train_loss, **val, "seconds": time.perf_counter() - self.t_epoch}
         st.history.append(row)
         improved = val["val_top1"] is not None and val["val_top1"] > st.best_top1

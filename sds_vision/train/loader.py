@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from .config import TrainError
+
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0]
@@ -28,7 +30,7 @@ class EpochSampler(Sampler):
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         if n == 0:
-            raise ValueError("the training set is empty")
+            raise TrainError("the training set is empty")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.per_rank = math.ceil(n / world_size)
         self.epoch = 0
@@ -151,7 +153,7 @@ class TrainBatches:
         n = self.sampler.per_rank
         self.batches_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"batch size {batch_size} is larger than the {n} training samples "
+            raise TrainError(f"batch size {batch_size} is larger than the {n} training samples "
                              "of this process and the last partial batch is dropped")
         self.loader = None
         if not is_gatherable(ds):

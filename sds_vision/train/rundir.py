@@ -77,7 +77,11 @@ class RunDir:
         if overwrite:
             return "fresh"
         if resume:
-            if self.final.exists() and self.last.exists():
+            if self.final.exists() and not self.last.exists():  # nothing to check it against
+                raise TrainError(f"output dir {self.path} holds a finished run without "
+                                 f"{self.last.relative_to(self.path)}; pass --overwrite to "
+                                 "replace it")
+            if self.final.exists():
                 return "finished"
             return "resume" if self.last.exists() else "fresh"
         if self.final.exists():
