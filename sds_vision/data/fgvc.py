@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sds_vision.data.catalog import BenchmarkDataError, lookup, name_key, pick
 from sds_vision.data.listing import SplitListing
-from sds_vision.data.vtab import BenchmarkDataError
 
 __all__ = ["FGVCDataset", "FGVC_DATASETS", "FGVC_ALIASES", "FGVC_SPLITS", "FGVCSplits",
            "resolve_fgvc", "resolve_fgvc_list", "read_fgvc_json", "find_fgvc_dir",
@@ -52,35 +52,21 @@ FGVC_DATASETS: dict[str, FGVCDataset] = {d.name: d for d in [
 ]}
 
 
-def _key(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
 # Every folder name is a dataset name too, plus a few short names.
 FGVC_ALIASES: dict[str, str] = {
-    **{_key(d): ds.name for ds in FGVC_DATASETS.values() for d in ds.dirnames
-       if _key(d) != ds.name},
+    **{name_key(d): ds.name for ds in FGVC_DATASETS.values() for d in ds.dirnames
+       if name_key(d) != ds.name},
     "cub200": "cub", "birds": "cub",
 }
 
 
 def resolve_fgvc(name: str) -> FGVCDataset:
     """Dataset for a canonical name, folder name or alias (case-insensitive, '-' == '_')."""
-    key = FGVC_ALIASES.get(_key(name), _key(name))
-    if key not in FGVC_DATASETS:
-        raise BenchmarkDataError(
-            f"unknown FGVC dataset {name!r}; known: {', '.join(FGVC_DATASETS)}")
-    return FGVC_DATASETS[key]
+    return lookup(name, FGVC_DATASETS, FGVC_ALIASES, "FGVC dataset")
 
 
 def resolve_fgvc_list(names) -> list[FGVCDataset]:
-    if isinstance(names, str):
-        names = [names]
-    out: list[FGVCDataset] = []
-    for n in names:
-        picked = list(FGVC_DATASETS.values()) if n == "all" else [resolve_fgvc(n)]
-        out += [d for d in picked if d not in out]
-    return out
+    return pick(names, resolve_fgvc, {"all": list(FGVC_DATASETS.values())})
 
 
 def read_fgvc_json(path: str | Path) -> dict[str, int]:

@@ -47,9 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sds_vision.data.catalog import BenchmarkDataError, lookup, pick
 from sds_vision.data.fgvc import line_of_key
 from sds_vision.data.listing import SplitListing
-from sds_vision.data.vtab import BenchmarkDataError
 
 __all__ = ["PaperDataset", "SDS_PAPER_DATASETS", "SDS_PAPER_SPLITS", "SPLIT_MODES",
            "resolve_sds_paper", "resolve_sds_paper_list", "load_sds_paper_split",
@@ -89,25 +89,13 @@ _ALIASES = {a: d.name for d in SDS_PAPER_DATASETS.values() for a in d.aliases}
 
 def resolve_sds_paper(name: str) -> PaperDataset:
     """Dataset for a canonical name or alias (case-insensitive, '-' == '_')."""
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in SDS_PAPER_DATASETS:
-        raise BenchmarkDataError(
-            f"unknown sds_paper dataset {name!r}; known: {', '.join(SDS_PAPER_DATASETS)} "
-            f"(aliases: {', '.join(sorted(_ALIASES))})")
-    return SDS_PAPER_DATASETS[key]
+    return lookup(name, SDS_PAPER_DATASETS, _ALIASES, "sds_paper dataset")
 
 
 def resolve_sds_paper_list(names) -> list[PaperDataset]:
     """Resolve names; ``all`` (or the group name ``sds_paper``) = the seven datasets."""
-    if isinstance(names, str):
-        names = [names]
-    out: list[PaperDataset] = []
-    for n in names:
-        picked = (list(SDS_PAPER_DATASETS.values()) if n in ("all", "sds_paper")
-                  else [resolve_sds_paper(n)])
-        out += [d for d in picked if d not in out]
-    return out
+    every = list(SDS_PAPER_DATASETS.values())
+    return pick(names, resolve_sds_paper, {"all": every, "sds_paper": every})
 
 
 def check_sds_paper_root(root: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sds_vision.data.folder import DataError
+from sds_vision.data.catalog import BenchmarkDataError, lookup, pick
 from sds_vision.data.listing import SplitListing
 
 __all__ = [
@@ -24,11 +24,6 @@ __all__ = [
     "read_split_lines", "check_vtab_root",
     "load_vtab_split", "find_task_dir", "vtab_listing",
 ]
-
-
-class BenchmarkDataError(DataError):
-    """A benchmark data root is malformed. The message is one line naming file and line.
-    (``DataError`` is the package's data ``ValueError``.)"""
 
 
 @dataclass(frozen=True)
@@ -90,29 +85,13 @@ SPLIT_MODES: dict[str, tuple[str, str]] = {
 
 def resolve_task(name: str) -> VTabTask:
     """Canonical task for a canonical name or alias (case-insensitive, '-' == '_')."""
-    key = name.strip().lower().replace("-", "_")
-    key = VTAB_ALIASES.get(key, key)
-    if key not in VTAB_TASKS:
-        raise BenchmarkDataError(
-            f"unknown VTAB task {name!r}; known: {', '.join(VTAB_TASKS)} "
-            f"(aliases: {', '.join(sorted(VTAB_ALIASES))})")
-    return VTAB_TASKS[key]
+    return lookup(name, VTAB_TASKS, VTAB_ALIASES, "VTAB task")
 
 
 def resolve_tasks(names) -> list[VTabTask]:
     """Resolve a list of names; ``all`` = the 19 tasks, a group name = its tasks."""
-    if isinstance(names, str):
-        names = [names]
-    out: list[VTabTask] = []
-    for n in names:
-        if n == "all":
-            picked = list(VTAB_TASKS.values())
-        elif n in VTAB_GROUPS:
-            picked = [VTAB_TASKS[t] for t in VTAB_GROUPS[n]]
-        else:
-            picked = [resolve_task(n)]
-        out += [t for t in picked if t not in out]
-    return out
+    groups = {g: [VTAB_TASKS[t] for t in ts] for g, ts in VTAB_GROUPS.items()}
+    return pick(names, resolve_task, {"all": list(VTAB_TASKS.values()), **groups})
 
 
 def read_split_lines(path: str | Path) -> list[tuple[int, str, int]]:
